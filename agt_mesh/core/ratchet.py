@@ -1,0 +1,490 @@
+"""The Double Ratchet, byte-compatible with the TypeScript SDK — and transactional.
+
+Wire constants (identical to ``@microsoft/agent-governance-sdk``)::
+
+    KDF_RK(rk, dh)  = HKDF-SHA256(salt=rk, IKM=dh, info="AgentMesh_Ratchet_v1", 64) -> (rk', ck)
+    KDF_CK(ck)      = (HMAC(ck, 0x01), HMAC(ck, 0x02))                            -> (mk, ck')
+    header          = DHs_pub (32) || u32be(PN) || u32be(N)                       (40 bytes)
+    blob            = nonce (12, random) || ChaCha20-Poly1305(mk, nonce, pt, AD || header)
+
+Skipped message keys: at most :data:`MAX_SKIP` (100) per chain step and
+:data:`MAX_SKIPPED_KEYS` (2000) in total, oldest evicted first.  Their ids are
+``"<hex dh>:<n>"`` in the serialised state.
+
+**Decryption is transactional.**  The TypeScript SDK advances its state before the tag
+check and never rolls back, so one duplicate or forged frame corrupts the session.  Here
+every decrypt works on local copies and commits only after the AEAD tag verified: any
+failure raises a :class:`~agt_mesh.errors.DecryptError` subclass and leaves the state
+exactly as it was.  Random draws happen in the same order as in the TypeScript SDK (the
+new ratchet key is drawn before the tag check), so recorded TS randomness replays
+exactly; the wire bytes are identical.
+"""
+
+from __future__ import annotations
+
+import hmac
+import struct
+from typing import Any
+
+import msgpack
+
+from agt_mesh.core.primitives import (
+    AEAD_NONCE_LEN,
+    AEAD_TAG_LEN,
+    KEY_LEN,
+    RandomSource,
+    aead_decrypt,
+    aead_encrypt,
+    hkdf_sha256,
+    kdf_chain,
+    x25519,
+    x25519_public,
+)
+from agt_mesh.errors import (
+    DuplicateMessageError,
+    MalformedMessageError,
+    MeshProtocolError,
+    MeshStateError,
+    TooManySkippedError,
+)
+
+__all__ = [
+    "HEADER_LEN",
+    "MAX_SKIP",
+    "MAX_SKIPPED_KEYS",
+    "RATCHET_INFO",
+    "STATE_VERSION",
+    "DoubleRatchet",
+    "kdf_root",
+    "pack_header",
+    "unpack_header",
+]
+
+RATCHET_INFO = b"AgentMesh_Ratchet_v1"
+MAX_SKIP = 100
+MAX_SKIPPED_KEYS = 2000
+HEADER_LEN = 40
+MIN_BLOB_LEN = AEAD_NONCE_LEN + AEAD_TAG_LEN
+STATE_VERSION = 1
+_U32_MAX = 0xFFFFFFFF
+
+_pack_counters = struct.Struct(">II").pack
+_unpack_counters = struct.Struct(">II").unpack_from
+_compare = hmac.compare_digest
+
+SkippedKeys = dict[tuple[bytes, int], bytes]
+
+
+def kdf_root(root_key: bytes, dh_out: bytes) -> tuple[bytes, bytes]:
+    """KDF_RK: ``(new_root_key, chain_key)``."""
+    out = hkdf_sha256(root_key, dh_out, RATCHET_INFO, 64)
+    return out[:32], out[32:]
+
+
+def pack_header(dh: bytes, pn: int, n: int) -> bytes:
+    """Serialise a ratchet header (40 bytes).
+
+    Raises:
+        MalformedMessageError: if ``dh`` is not 32 bytes or a counter is not a u32.
+    """
+    if len(dh) != KEY_LEN:
+        raise MalformedMessageError("ratchet header dh must be 32 bytes")
+    if not (0 <= pn <= _U32_MAX and 0 <= n <= _U32_MAX):
+        raise MalformedMessageError("ratchet header counters must be 32-bit unsigned integers")
+    return dh + _pack_counters(pn, n)
+
+
+def unpack_header(header: bytes) -> tuple[bytes, int, int]:
+    """Parse a 40-byte header into ``(dh, pn, n)``."""
+    if len(header) != HEADER_LEN:
+        raise MalformedMessageError(f"ratchet header must be {HEADER_LEN} bytes, got {len(header)}")
+    pn, n = _unpack_counters(header, 32)
+    return header[:32], pn, n
+
+
+class DoubleRatchet:
+    """One endpoint of a Double Ratchet session, bound to its channel associated data.
+
+    Create with :meth:`init_sender` (initiator) or :meth:`init_receiver` (responder);
+    restore with :meth:`from_bytes`.  Not thread-safe: use one task per session.
+    """
+
+    __slots__ = (
+        "ad",
+        "ckr",
+        "cks",
+        "dhr",
+        "dhs_priv",
+        "dhs_pub",
+        "max_skip",
+        "nr",
+        "ns",
+        "pn",
+        "rk",
+        "skipped",
+    )
+
+    def __init__(
+        self,
+        *,
+        dhs_priv: bytes,
+        dhs_pub: bytes,
+        dhr: bytes | None,
+        rk: bytes,
+        cks: bytes | None,
+        ckr: bytes | None,
+        ns: int,
+        nr: int,
+        pn: int,
+        ad: bytes,
+        skipped: SkippedKeys | None = None,
+        max_skip: int = MAX_SKIP,
+    ) -> None:
+        self.dhs_priv = dhs_priv
+        self.dhs_pub = dhs_pub
+        self.dhr = dhr
+        self.rk = rk
+        self.cks = cks
+        self.ckr = ckr
+        self.ns = ns
+        self.nr = nr
+        self.pn = pn
+        self.ad = ad
+        self.skipped: SkippedKeys | None = skipped or None
+        self.max_skip = max_skip
+
+    # -- construction ---------------------------------------------------------------
+
+    @classmethod
+    def init_sender(
+        cls,
+        shared_secret: bytes,
+        remote_public: bytes,
+        associated_data: bytes,
+        random: RandomSource,
+        *,
+        max_skip: int = MAX_SKIP,
+    ) -> DoubleRatchet:
+        """Initiator side: draws the first ratchet key (32 bytes) and derives the send chain.
+
+        ``remote_public`` is the responder's signed pre-key.
+        """
+        priv = random(KEY_LEN)
+        rk, cks = kdf_root(shared_secret, x25519(priv, remote_public))
+        return cls(
+            dhs_priv=priv,
+            dhs_pub=x25519_public(priv),
+            dhr=remote_public,
+            rk=rk,
+            cks=cks,
+            ckr=None,
+            ns=0,
+            nr=0,
+            pn=0,
+            ad=associated_data,
+            max_skip=max_skip,
+        )
+
+    @classmethod
+    def init_receiver(
+        cls,
+        shared_secret: bytes,
+        own_private: bytes,
+        own_public: bytes,
+        associated_data: bytes,
+        *,
+        max_skip: int = MAX_SKIP,
+    ) -> DoubleRatchet:
+        """Responder side, keyed by our signed pre-key pair; it can send after its first receive."""
+        return cls(
+            dhs_priv=own_private,
+            dhs_pub=own_public,
+            dhr=None,
+            rk=shared_secret,
+            cks=None,
+            ckr=None,
+            ns=0,
+            nr=0,
+            pn=0,
+            ad=associated_data,
+            max_skip=max_skip,
+        )
+
+    @property
+    def can_send(self) -> bool:
+        """Whether a sending chain exists (the responder needs one message first)."""
+        return self.cks is not None
+
+    @property
+    def skipped_count(self) -> int:
+        """Number of cached skipped message keys."""
+        return len(self.skipped) if self.skipped else 0
+
+    # -- encrypt ------------------------------------------------------------------------
+
+    def encrypt(self, plaintext: bytes, random: RandomSource) -> tuple[bytes, bytes]:
+        """Encrypt one message; returns ``(header, blob)`` (40-byte header, nonce||ct||tag).
+
+        Draws one 12-byte nonce from ``random``.
+
+        Raises:
+            MeshProtocolError: if there is no sending chain yet (responder before its
+                first received message).
+        """
+        cks = self.cks
+        if cks is None:
+            raise MeshProtocolError("Send chain not initialized. Receive a message first.")
+        mk, next_ck = kdf_chain(cks)
+        n = self.ns
+        header = self.dhs_pub + _pack_counters(self.pn, n)
+        nonce = random(AEAD_NONCE_LEN)
+        blob = nonce + aead_encrypt(mk, nonce, plaintext, self.ad + header)
+        self.cks = next_ck
+        self.ns = n + 1
+        return header, blob
+
+    # -- decrypt ------------------------------------------------------------------------
+
+    def decrypt(self, header: bytes, blob: bytes, random: RandomSource) -> bytes:
+        """Decrypt one message; commits the new state only if it authenticates.
+
+        ``random`` is used only for a DH ratchet step (one 32-byte draw).
+
+        Raises:
+            MalformedMessageError: header not 40 bytes, blob shorter than 28 bytes, or a
+                low-order ratchet key.
+            DuplicateMessageError: the message key was already used.
+            TooManySkippedError: the message is more than ``max_skip`` ahead.
+            MessageAuthError: the AEAD tag did not verify.
+        """
+        if len(header) != HEADER_LEN:
+            raise MalformedMessageError(
+                f"ratchet header must be {HEADER_LEN} bytes, got {len(header)}"
+            )
+        if len(blob) < MIN_BLOB_LEN:
+            raise MalformedMessageError(
+                f"ciphertext too short ({len(blob)} < {MIN_BLOB_LEN} bytes)"
+            )
+        dh = header[:32]
+        pn, n = _unpack_counters(header, 32)
+        aad = self.ad + header
+        nonce = blob[:AEAD_NONCE_LEN]
+        body = blob[AEAD_NONCE_LEN:]
+
+        skipped = self.skipped
+        if skipped:
+            mk = skipped.get((dh, n))
+            if mk is not None:
+                plaintext = aead_decrypt(mk, nonce, body, aad)
+                del skipped[(dh, n)]
+                return plaintext
+
+        max_skip = self.max_skip
+        dhr = self.dhr
+        if dhr is not None and _compare(dh, dhr):
+            nr = self.nr
+            if n < nr:
+                raise DuplicateMessageError(
+                    f"message {n} of the current chain was already received"
+                )
+            if n - nr > max_skip:
+                raise TooManySkippedError(f"Too many skipped messages ({n - nr} > {max_skip})")
+            ck = self.ckr
+            assert ck is not None  # dhr is set together with ckr
+            staged: list[tuple[tuple[bytes, int], bytes]] | None = None
+            if n > nr:
+                staged = []
+                for i in range(nr, n):
+                    mk_i, ck = kdf_chain(ck)
+                    staged.append(((dh, i), mk_i))
+            mk, ck = kdf_chain(ck)
+            plaintext = aead_decrypt(mk, nonce, body, aad)
+            self.ckr = ck
+            self.nr = n + 1
+            if staged:
+                self._store_skipped(staged)
+            return plaintext
+
+        # New remote ratchet key: finish the current receiving chain, then a DH step.
+        staged = []
+        ckr = self.ckr
+        if ckr is not None and dhr is not None:
+            nr = self.nr
+            if pn - nr > max_skip:
+                raise TooManySkippedError(f"Too many skipped messages ({pn - nr} > {max_skip})")
+            for i in range(nr, pn):
+                mk_i, ckr = kdf_chain(ckr)
+                staged.append(((dhr, i), mk_i))
+        try:
+            rk, ck = kdf_root(self.rk, x25519(self.dhs_priv, dh))
+            new_priv = random(KEY_LEN)
+            new_pub = x25519_public(new_priv)
+            rk, cks = kdf_root(rk, x25519(new_priv, dh))
+        except ValueError:
+            raise MalformedMessageError("invalid ratchet public key in header") from None
+        if n > max_skip:
+            raise TooManySkippedError(f"Too many skipped messages ({n} > {max_skip})")
+        for i in range(n):
+            mk_i, ck = kdf_chain(ck)
+            staged.append(((dh, i), mk_i))
+        mk, ck = kdf_chain(ck)
+        plaintext = aead_decrypt(mk, nonce, body, aad)
+        # commit
+        self.pn = self.ns
+        self.ns = 0
+        self.nr = n + 1
+        self.dhr = dh
+        self.rk = rk
+        self.ckr = ck
+        self.cks = cks
+        self.dhs_priv = new_priv
+        self.dhs_pub = new_pub
+        if staged:
+            self._store_skipped(staged)
+        return plaintext
+
+    def _store_skipped(self, staged: list[tuple[tuple[bytes, int], bytes]]) -> None:
+        skipped = self.skipped
+        if skipped is None:
+            skipped = self.skipped = {}
+        skipped.update(staged)
+        excess = len(skipped) - MAX_SKIPPED_KEYS
+        if excess > 0:
+            for key in list(skipped)[:excess]:
+                del skipped[key]
+
+    # -- serialisation ------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        """Serialise the full state (msgpack; format documented in ``docs/state-format.md``).
+
+        The result contains secret keys: store it only where the identity is stored.
+        """
+        skipped = [[f"{dh.hex()}:{n}", mk] for (dh, n), mk in (self.skipped or {}).items()]
+        return msgpack.packb(  # type: ignore[no-any-return]
+            [
+                STATE_VERSION,
+                self.dhs_priv,
+                self.dhs_pub,
+                self.dhr,
+                self.rk,
+                self.cks,
+                self.ckr,
+                self.ns,
+                self.nr,
+                self.pn,
+                self.max_skip,
+                self.ad,
+                skipped,
+            ],
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> DoubleRatchet:
+        """Restore a state written by :meth:`to_bytes`.
+
+        Raises:
+            MeshStateError: if the data is not a valid state of a known version.
+        """
+        try:
+            obj: Any = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise MeshStateError(
+                f"ratchet state is not valid msgpack: {type(exc).__name__}"
+            ) from None
+        if not isinstance(obj, list) or not obj or not isinstance(obj[0], int):
+            raise MeshStateError("ratchet state has an unknown layout")
+        if obj[0] != STATE_VERSION:
+            raise MeshStateError(
+                f"ratchet state version {obj[0]} is not supported (this SDK reads version "
+                f"{STATE_VERSION}); upgrade kars-agt-mesh"
+            )
+        if len(obj) != 13:
+            raise MeshStateError("ratchet state has the wrong number of fields")
+        _, dhs_priv, dhs_pub, dhr, rk, cks, ckr, ns, nr, pn, max_skip, ad, skipped_list = obj
+        for value, name in ((dhs_priv, "dhs_priv"), (dhs_pub, "dhs_pub"), (rk, "rk")):
+            if not isinstance(value, bytes) or len(value) != KEY_LEN:
+                raise MeshStateError(f"ratchet state field {name} is invalid")
+        for value, name in ((dhr, "dhr"), (cks, "cks"), (ckr, "ckr")):
+            if value is not None and (not isinstance(value, bytes) or len(value) != KEY_LEN):
+                raise MeshStateError(f"ratchet state field {name} is invalid")
+        for value, name in ((ns, "ns"), (nr, "nr"), (pn, "pn"), (max_skip, "max_skip")):
+            if (
+                not isinstance(value, int)
+                or isinstance(value, bool)
+                or not 0 <= value <= _U32_MAX + 1
+            ):
+                raise MeshStateError(f"ratchet state field {name} is invalid")
+        if not isinstance(ad, bytes) or not isinstance(skipped_list, list):
+            raise MeshStateError("ratchet state is corrupted")
+        skipped: SkippedKeys = {}
+        for item in skipped_list:
+            try:
+                key_id, mk = item
+                dh_hex, n_text = key_id.split(":")
+                dh = bytes.fromhex(dh_hex)
+                n = int(n_text)
+            except (ValueError, TypeError, AttributeError):
+                raise MeshStateError("ratchet state has an invalid skipped-key entry") from None
+            if len(dh) != KEY_LEN or not isinstance(mk, bytes) or len(mk) != KEY_LEN or n < 0:
+                raise MeshStateError("ratchet state has an invalid skipped-key entry")
+            skipped[(dh, n)] = mk
+        return cls(
+            dhs_priv=dhs_priv,
+            dhs_pub=dhs_pub,
+            dhr=dhr,
+            rk=rk,
+            cks=cks,
+            ckr=ckr,
+            ns=ns,
+            nr=nr,
+            pn=pn,
+            ad=ad,
+            skipped=skipped,
+            max_skip=max_skip,
+        )
+
+    def copy(self) -> DoubleRatchet:
+        """An independent copy of this state."""
+        return DoubleRatchet(
+            dhs_priv=self.dhs_priv,
+            dhs_pub=self.dhs_pub,
+            dhr=self.dhr,
+            rk=self.rk,
+            cks=self.cks,
+            ckr=self.ckr,
+            ns=self.ns,
+            nr=self.nr,
+            pn=self.pn,
+            ad=self.ad,
+            skipped=dict(self.skipped) if self.skipped else None,
+            max_skip=self.max_skip,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """Counters only (no key material), for diagnostics."""
+        return {
+            "send_n": self.ns,
+            "recv_n": self.nr,
+            "previous_send_chain_length": self.pn,
+            "can_send": self.cks is not None,
+            "has_receive_chain": self.ckr is not None,
+            "skipped_keys": self.skipped_count,
+        }
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DoubleRatchet):
+            return NotImplemented
+        return _compare(self.to_bytes(), other.to_bytes())
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"DoubleRatchet(send_n={self.ns}, recv_n={self.nr}, pn={self.pn}, "
+            f"skipped={self.skipped_count})"
+        )
+
+    def __reduce__(self) -> Any:
+        raise TypeError("DoubleRatchet is not picklable; use to_bytes()")

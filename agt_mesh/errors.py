@@ -1,0 +1,135 @@
+"""The exception hierarchy of ``agt_mesh``.
+
+Every error the SDK raises on purpose is a :class:`MeshError`.  The tree is small and
+flat on purpose, so callers can catch what they can act on::
+
+    MeshError
+    ├── MeshConfigError          bad argument, bad configuration, unusable file
+    │   └── IdentityFileError    identity file missing, unsafe permissions, inconsistent
+    ├── MeshCryptoError          a cryptographic check failed
+    │   ├── BundleVerificationError   a peer's pre-key bundle is invalid or badly signed
+    │   ├── PreKeyNotFoundError       a KNOCK names a one-time pre-key we do not hold
+    │   └── DecryptError              an inbound message could not be decrypted
+    │       ├── MessageAuthError          AEAD tag check failed (forged, tampered, wrong key)
+    │       ├── DuplicateMessageError     the message key was already used (replay/duplicate)
+    │       ├── TooManySkippedError       the gap exceeds the skipped-key limit
+    │       └── MalformedMessageError     header or ciphertext has the wrong shape
+    ├── MeshProtocolError        a frame or state-machine rule was violated
+    ├── MeshStateError           the durable state could not be read or written
+    ├── MeshTransportError       relay connection problems (timeouts, closes, the writer lock)
+    ├── MeshAuthError            the relay or registry refused our credentials
+    └── MeshRegistryError        the registry answered with an error
+        └── PeerNotFoundError    no such agent / no pre-key bundle
+
+Messages never contain private key material.  Where the user can fix the problem, the
+message says how.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BundleVerificationError",
+    "DecryptError",
+    "DuplicateMessageError",
+    "IdentityFileError",
+    "MalformedMessageError",
+    "MeshAuthError",
+    "MeshConfigError",
+    "MeshCryptoError",
+    "MeshError",
+    "MeshProtocolError",
+    "MeshRegistryError",
+    "MeshStateError",
+    "MeshTransportError",
+    "MessageAuthError",
+    "PeerNotFoundError",
+    "PreKeyNotFoundError",
+    "TooManySkippedError",
+]
+
+
+class MeshError(Exception):
+    """Base class of every error raised by ``agt_mesh``."""
+
+
+class MeshConfigError(MeshError, ValueError):
+    """A bad argument or configuration value; fix the input and retry."""
+
+
+class IdentityFileError(MeshConfigError):
+    """The identity file cannot be used (missing, unsafe permissions, inconsistent keys)."""
+
+
+class MeshCryptoError(MeshError):
+    """A cryptographic verification failed."""
+
+
+class BundleVerificationError(MeshCryptoError):
+    """A peer's pre-key bundle failed validation (sizes or signed pre-key signature)."""
+
+
+class PreKeyNotFoundError(MeshCryptoError):
+    """An establishment referenced a one-time pre-key that is unknown or already consumed."""
+
+
+class DecryptError(MeshCryptoError):
+    """An inbound ratchet message could not be decrypted.
+
+    The session state is left exactly as it was before the attempt, so later valid
+    messages still decrypt.  ``kind`` is a short stable label (``auth``, ``duplicate``,
+    ``too_many_skipped``, ``malformed``).
+    """
+
+    kind = "decrypt"
+
+
+class MessageAuthError(DecryptError):
+    """The AEAD tag did not verify: the message was forged, tampered with or keyed wrongly."""
+
+    kind = "auth"
+
+
+class DuplicateMessageError(DecryptError):
+    """The message's key was already used: a duplicate or replayed message."""
+
+    kind = "duplicate"
+
+
+class TooManySkippedError(DecryptError):
+    """The message is further ahead than the skipped-key limit allows."""
+
+    kind = "too_many_skipped"
+
+
+class MalformedMessageError(DecryptError):
+    """The header or ciphertext does not have a valid shape."""
+
+    kind = "malformed"
+
+
+class MeshProtocolError(MeshError):
+    """A frame could not be decoded, or a protocol rule was violated."""
+
+
+class MeshStateError(MeshError):
+    """The durable state could not be read or written."""
+
+
+class MeshTransportError(MeshError):
+    """A relay transport problem: unreachable, closed, timed out, or the writer lock is held."""
+
+
+class MeshAuthError(MeshError):
+    """The relay or registry refused our credentials (proof of possession, token, signature)."""
+
+
+class MeshRegistryError(MeshError):
+    """The registry returned an error response."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class PeerNotFoundError(MeshRegistryError):
+    """The registry has no such agent, or the agent published no pre-key bundle."""

@@ -1,0 +1,109 @@
+"""Reading and writing identity files (JSON, format ``agt-mesh-identity`` version 1).
+
+Files are created with ``O_CREAT | O_EXCL`` and mode 0600, never overwritten unless asked
+(then atomically, through a new 0600 file and ``rename``).  Loading refuses a file that
+group or others can read or write, as OpenSSH does for private keys.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import stat
+from pathlib import Path
+
+from agt_mesh.core.identity import Identity
+from agt_mesh.errors import IdentityFileError
+
+__all__ = ["check_private_file", "load_identity", "save_identity"]
+
+
+def check_private_file(path: Path, st: os.stat_result, what: str = "identity file") -> None:
+    """Refuse a regular file whose mode lets group or others access it."""
+    if not stat.S_ISREG(st.st_mode):
+        raise IdentityFileError(f"{what} {path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise IdentityFileError(
+            f"{what} {path} is accessible by other users (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"it holds a private key. Fix it with: chmod 600 {path}"
+        )
+
+
+def load_identity(path: str | os.PathLike[str]) -> Identity:
+    """Load and check an identity file.
+
+    Raises:
+        IdentityFileError: if the file is missing, readable by others, not valid JSON, of
+            an unknown version, or its public key does not match its seed.
+    """
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise IdentityFileError(
+            f"no identity file at {p}; create one with: agt-mesh identity new --path {p}"
+        ) from None
+    except OSError as exc:
+        raise IdentityFileError(f"cannot open identity file {p}: {exc.strerror}") from None
+    try:
+        check_private_file(p, os.fstat(fd))
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            raw = fh.read(1 << 16)
+    finally:
+        os.close(fd)
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise IdentityFileError(
+            f"identity file {p} is not valid JSON (corrupted or truncated)"
+        ) from None
+    return Identity.from_file_dict(data, source=f"identity file {p}")
+
+
+def save_identity(
+    path: str | os.PathLike[str],
+    identity: Identity,
+    *,
+    force: bool = False,
+    created_at: _dt.datetime | None = None,
+) -> Path:
+    """Write ``identity`` to a new 0600 file.
+
+    Raises:
+        IdentityFileError: if the file exists and ``force`` is false, or it cannot be written.
+    """
+    p = Path(path)
+    when = (created_at or _dt.datetime.now(_dt.UTC)).isoformat().replace("+00:00", "Z")
+    data = (json.dumps(identity.to_file_dict(created_at=when), indent=2) + "\n").encode()
+    target = p if not force else p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    flags = (
+        os.O_WRONLY
+        | os.O_CREAT
+        | os.O_EXCL
+        | getattr(os, "O_NOFOLLOW", 0)
+        | getattr(os, "O_CLOEXEC", 0)
+    )
+    try:
+        fd = os.open(target, flags, 0o600)
+    except FileExistsError:
+        raise IdentityFileError(
+            f"{target} already exists; refusing to overwrite an identity "
+            "(use --force to replace it)"
+        ) from None
+    except OSError as exc:
+        raise IdentityFileError(f"cannot create identity file {target}: {exc.strerror}") from None
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb", closefd=False) as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fd)
+    except OSError as exc:
+        os.close(fd)
+        target.unlink(missing_ok=True)
+        raise IdentityFileError(f"cannot write identity file {target}: {exc.strerror}") from None
+    os.close(fd)
+    if target != p:
+        os.replace(target, p)
+    return p
