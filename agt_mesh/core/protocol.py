@@ -1,0 +1,723 @@
+"""The sans-I/O mesh protocol: KNOCK, sessions, buffering, plaintext peers, acks.
+
+:class:`MeshProtocol` takes parsed relay frames and application calls and returns a
+:class:`Step` — frames to send, events for the application and the id to acknowledge once
+the caller has durably recorded the result.  It never touches a socket or a clock: ``now``
+(seconds) and ``random`` are passed in, as :mod:`h11` does for HTTP.
+
+Behaviour, compared with the TypeScript ``MeshClient`` (``wire.md`` §4–§5):
+
+* KNOCK carries the X3DH establishment; the initiator sends ciphertext at once.  The
+  responder asks the application's policy (``KnockDecision`` event →
+  :meth:`MeshProtocol.resolve_knock`) and rejects after ``knock_timeout`` (10 s).
+* As responder both X3DH KDFs are tried (``accept_profiles``): the first message's AEAD
+  tag decides, and the peer's profile is remembered for when we initiate to it later.
+* Frames that cannot be decrypted yet (no session, KNOCK verdict pending, or a re-keyed
+  peer whose KNOCK is late) wait in the pre-KNOCK buffer: 5 frames / 3 s per peer, 100
+  peers.  When a frame finally cannot be processed it is **acknowledged** (so the relay
+  stops redelivering it) and reported as an ``ErrorEvent``.
+* Duplicates (same message id, or an already-used key) are acknowledged and dropped;
+  they never tear a session down.  A forged or corrupt frame never changes a session.
+* A ``knock_reject`` for a session that has already decrypted messages is ignored
+  (it is unauthenticated on pre-5.0 relays).
+* A peer that re-KNOCKs while we hold a session (it restarted, or both KNOCKed at once)
+  gets a *candidate* session; its first decrypting message switches us over.
+* After ``desync_threshold`` consecutive undecryptable frames from a peer the session is
+  torn down (``SessionDesync``) and, with ``auto_resync``, a ``ResyncNeeded`` event asks
+  the shell to KNOCK again; the new KNOCK is followed by a small control message that
+  lets an ``agt_mesh`` peer switch without bothering its application.
+* Plaintext peers follow the upstream 5.0.0 downgrade latch: the wire ``plaintext``
+  flag never selects plaintext; only an allow-listed peer without a live session that
+  has never been decrypted is handled as plaintext.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agt_mesh.core import frames as fr
+from agt_mesh.core.encoding import compact_json
+from agt_mesh.core.events import (
+    E2EVerified,
+    ErrorEvent,
+    Event,
+    KnockAccepted,
+    KnockDecision,
+    KnockRejected,
+    MessageReceived,
+    ResyncNeeded,
+    SessionDesync,
+    SessionEstablished,
+    SessionRekeyed,
+)
+from agt_mesh.core.primitives import RandomSource
+from agt_mesh.core.ratchet import DoubleRatchet
+from agt_mesh.core.session import Candidate, PeerSession
+from agt_mesh.core.x3dh import (
+    KdfProfile,
+    PreKeyBundle,
+    PreKeyStore,
+    channel_ad,
+    initiate,
+    respond,
+)
+from agt_mesh.errors import (
+    DecryptError,
+    DuplicateMessageError,
+    MeshConfigError,
+    MeshCryptoError,
+    MeshProtocolError,
+)
+
+__all__ = ["CONTROL_KEY", "MeshProtocol", "ProtocolConfig", "Step"]
+
+#: Key of the control payload an ``agt_mesh`` peer sends after a resync KNOCK.
+CONTROL_KEY = "agt_mesh_control"
+_RESYNC_PAYLOAD = {CONTROL_KEY: "resync"}
+_MAX_OUTBOX = 1000
+_MAX_PENDING_KNOCKS = 1000
+
+
+@dataclass
+class ProtocolConfig:
+    """Tunables; the defaults match the TypeScript SDK where it defines them."""
+
+    did: str
+    #: X3DH KDF for sessions we initiate, unless the peer is known or overridden.
+    initiator_profile: KdfProfile = KdfProfile.SPEC
+    #: KDFs accepted as responder (the first message's AEAD decides).
+    accept_profiles: tuple[KdfProfile, ...] = (KdfProfile.SPEC, KdfProfile.LEGACY)
+    knock_timeout: float = 10.0
+    pre_knock_buffer_size: int = 5
+    pre_knock_buffer_ttl: float = 3.0
+    max_buffered_peers: int = 100
+    #: message ids remembered for de-duplication
+    dedupe_window: int = 10_000
+    desync_threshold: int = 3
+    auto_resync: bool = True
+
+
+@dataclass
+class Step:
+    """What one call produced.
+
+    Send ``frames`` in order; deliver ``events``; after recording the result durably,
+    send ``acks`` (ack frames for processed or unprocessable messages).  ``changed``
+    names the peers whose session state changed (to persist).
+    """
+
+    frames: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    acks: list[str] = field(default_factory=list)
+    changed: set[str] = field(default_factory=set)
+
+    def extend(self, other: Step) -> None:
+        self.frames.extend(other.frames)
+        self.events.extend(other.events)
+        self.acks.extend(other.acks)
+        self.changed |= other.changed
+
+    def ack_frames(self) -> list[dict[str, Any]]:
+        return [fr.ack_frame(i) for i in self.acks]
+
+
+@dataclass
+class _PendingKnock:
+    frame: fr.KnockFrame
+    deadline: float
+
+
+class MeshProtocol:
+    """The protocol state for one local agent (one DID)."""
+
+    def __init__(
+        self,
+        config: ProtocolConfig,
+        prekeys: PreKeyStore,
+        *,
+        new_id: Callable[[], str],
+    ) -> None:
+        if prekeys.identity.did != config.did and not config.did.startswith("did:"):
+            raise MeshConfigError("config.did must be a DID")
+        self.config = config
+        self.prekeys = prekeys
+        self._new_id = new_id
+        self.sessions: dict[str, PeerSession] = {}
+        self.peer_profiles: dict[str, KdfProfile] = {}
+        self.profile_overrides: dict[str, KdfProfile] = {}
+        self.e2e_verified: set[str] = set()
+        self.plaintext_peers: set[str] = set()
+        self._seen_ids: OrderedDict[str, None] = OrderedDict()
+        self._seen_knocks: OrderedDict[str, None] = OrderedDict()
+        self._buffer: OrderedDict[str, deque[tuple[fr.MessageFrame, float]]] = OrderedDict()
+        self._pending_knocks: dict[str, _PendingKnock] = {}
+        self._outbox: dict[str, deque[tuple[str, Any]]] = {}
+
+    @property
+    def did(self) -> str:
+        return self.config.did
+
+    # ------------------------------------------------------------------------------
+    # inbound
+    # ------------------------------------------------------------------------------
+
+    def receive(self, obj: Any, now: float, random: RandomSource) -> Step:
+        """Process one decoded frame (a JSON object from the relay)."""
+        step = Step()
+        self._dispatch(obj, now, random, step, in_batch=False)
+        return step
+
+    def receive_text(
+        self, text: str | bytes, now: float, random: RandomSource, *, max_bytes: int
+    ) -> Step:
+        """Decode and process one frame's text; malformed text becomes an ``ErrorEvent``."""
+        try:
+            obj = fr.decode_frame(text, max_bytes=max_bytes)
+        except MeshProtocolError as exc:
+            return Step(events=[ErrorEvent("frame", None, f"dropping malformed frame: {exc}")])
+        return self.receive(obj, now, random)
+
+    def _dispatch(
+        self, obj: Any, now: float, random: RandomSource, step: Step, *, in_batch: bool
+    ) -> None:
+        try:
+            frame = fr.parse_frame(obj)
+        except MeshProtocolError as exc:
+            peer = (
+                obj.get("from")
+                if isinstance(obj, dict) and isinstance(obj.get("from"), str)
+                else None
+            )
+            fid = (
+                obj.get("id") if isinstance(obj, dict) and isinstance(obj.get("id"), str) else None
+            )
+            step.events.append(
+                ErrorEvent(
+                    "frame",
+                    peer,
+                    f"{'pending message' if in_batch else 'frame'} dropped: {exc}",
+                    fid,
+                )
+            )
+            if (
+                fid is not None
+                and isinstance(obj, dict)
+                and obj.get("type") in ("message", "knock")
+            ):
+                step.acks.append(fid)  # it can never be processed; stop redelivery
+            return
+        if isinstance(frame, fr.MessageFrame):
+            self._on_message(frame, now, random, step)
+        elif isinstance(frame, fr.KnockFrame):
+            self._on_knock(frame, now, step)
+        elif isinstance(frame, fr.KnockReplyFrame):
+            self._on_knock_reply(frame, now, step)
+        elif isinstance(frame, fr.PendingMessagesFrame):
+            for entry in frame.messages:
+                self._dispatch(entry, now, random, step, in_batch=True)
+        elif isinstance(frame, fr.ErrorFrame):
+            step.events.append(ErrorEvent("relay", None, frame.detail))
+
+    # -- messages -------------------------------------------------------------------
+
+    def _remember_id(self, frame_id: str) -> None:
+        self._seen_ids[frame_id] = None
+        if len(self._seen_ids) > self.config.dedupe_window:
+            self._seen_ids.popitem(last=False)
+
+    def _on_message(self, f: fr.MessageFrame, now: float, random: RandomSource, step: Step) -> None:
+        peer = f.from_did
+        if f.id in self._seen_ids:
+            step.acks.append(f.id)
+            step.events.append(
+                ErrorEvent("duplicate", peer, "duplicate message id — dropped", f.id)
+            )
+            return
+        session = self.sessions.get(peer)
+        if f.header is None:
+            plaintext_ok = (
+                peer in self.plaintext_peers
+                and (session is None or session.primary is None)
+                and peer not in self.e2e_verified
+            )
+            if not plaintext_ok:
+                step.acks.append(f.id)
+                detail = (
+                    "plaintext frame refused (peer is not an allow-listed plaintext peer, or "
+                    "it has an encrypted session or was verified before)"
+                    if f.plaintext_flag
+                    else "encrypted message missing ratchet header — dropping"
+                )
+                step.events.append(ErrorEvent("decrypt", peer, detail, f.id))
+                return
+            self._deliver_plaintext(f, step)
+            return
+        if peer in self._pending_knocks or session is None:
+            self._buffer_frame(f, now, step)
+            return
+        self._decrypt_into(session, f, now, random, step, from_buffer=False)
+
+    def _deliver_plaintext(self, f: fr.MessageFrame, step: Step) -> None:
+        try:
+            payload = json.loads(f.ciphertext.decode("latin-1"))
+        except ValueError:
+            step.acks.append(f.id)
+            step.events.append(
+                ErrorEvent("decrypt", f.from_did, "plaintext payload is not JSON", f.id)
+            )
+            return
+        self._remember_id(f.id)
+        step.acks.append(f.id)
+        step.events.append(MessageReceived(f.from_did, payload, f.id, plaintext=True, ts=f.ts))
+
+    def _decrypt_into(
+        self,
+        session: PeerSession,
+        f: fr.MessageFrame,
+        now: float,
+        random: RandomSource,
+        step: Step,
+        *,
+        from_buffer: bool,
+    ) -> bool:
+        """Try to decrypt; on failure buffer it (first try) or give up. Returns success."""
+        peer = f.from_did
+        assert f.header is not None
+        keep_own = session.role == "initiator" and self.did < peer
+        try:
+            out = session.decrypt(f.header, f.ciphertext, random, keep_own=keep_own)
+        except DuplicateMessageError as exc:
+            step.acks.append(f.id)
+            step.events.append(ErrorEvent("duplicate", peer, f"{exc} — dropped", f.id))
+            return False
+        except DecryptError as exc:
+            if not from_buffer:
+                self._buffer_frame(f, now, step)
+                return False
+            self._give_up(f, f"{exc.kind}: {exc}", step)
+            return False
+        step.changed.add(peer)
+        session.failures = 0
+        session.last_activity = now
+        self._remember_id(f.id)
+        step.acks.append(f.id)
+        if (
+            out.source == "candidate"
+            and session.primary is not None
+            and session.profile is not None
+        ):
+            self.peer_profiles[peer] = session.profile
+            if out.switched:
+                step.events.append(SessionRekeyed(peer, session.profile.value))
+            else:
+                step.events.append(SessionEstablished(peer, "responder", session.profile.value))
+        if peer not in self.e2e_verified:
+            self.e2e_verified.add(peer)
+            step.events.append(E2EVerified(peer, len(self.e2e_verified) == 1))
+        try:
+            payload = json.loads(out.plaintext)
+        except ValueError:
+            step.events.append(
+                ErrorEvent("decrypt", peer, "decrypted payload is not JSON — dropped", f.id)
+            )
+            return True
+        if isinstance(payload, dict) and set(payload) == {CONTROL_KEY}:
+            return True  # protocol control (resync proof): not for the application
+        step.events.append(MessageReceived(peer, payload, f.id, plaintext=False, ts=f.ts))
+        if session.can_send:
+            self._flush_outbox(peer, session, now, random, step)
+        return True
+
+    def _give_up(self, f: fr.MessageFrame, detail: str, step: Step) -> None:
+        """A frame that cannot be processed: ack it, report it, count toward desync."""
+        peer = f.from_did
+        step.acks.append(f.id)
+        step.events.append(ErrorEvent("decrypt", peer, detail, f.id))
+        session = self.sessions.get(peer)
+        if session is None or session.primary is None:
+            return
+        session.failures += 1
+        step.changed.add(peer)
+        if session.failures >= self.config.desync_threshold:
+            del self.sessions[peer]
+            step.events.append(
+                SessionDesync(peer, f"{session.failures} undecryptable frames in a row ({detail})")
+            )
+            step.events.append(ErrorEvent("session_desync", peer, detail, f.id))
+            if self.config.auto_resync:
+                step.events.append(ResyncNeeded(peer))
+
+    # -- pre-KNOCK buffer -----------------------------------------------------------
+
+    def _buffer_frame(self, f: fr.MessageFrame, now: float, step: Step) -> None:
+        peer = f.from_did
+        cfg = self.config
+        if cfg.pre_knock_buffer_size <= 0:
+            self._give_up(f, "no session for encrypted message — dropping", step)
+            return
+        queue = self._buffer.get(peer)
+        if queue is None:
+            if len(self._buffer) >= cfg.max_buffered_peers:
+                old_peer, old_queue = self._buffer.popitem(last=False)
+                step.events.append(
+                    ErrorEvent(
+                        "frame",
+                        old_peer,
+                        "pre-knock buffer evicted: global peer cap "
+                        f"({cfg.max_buffered_peers}) reached",
+                    )
+                )
+                for old, _ in old_queue:
+                    self._give_up(old, "pre-knock buffer evicted", step)
+            queue = self._buffer[peer] = deque()
+        if any(b.id == f.id for b, _ in queue):
+            return
+        if len(queue) >= cfg.pre_knock_buffer_size:
+            oldest, _ = queue.popleft()
+            self._give_up(oldest, "pre-knock buffer full — oldest frame dropped", step)
+        queue.append((f, now + cfg.pre_knock_buffer_ttl))
+
+    def _drain(self, peer: str, now: float, random: RandomSource, step: Step) -> None:
+        queue = self._buffer.pop(peer, None)
+        session = self.sessions.get(peer)
+        if not queue:
+            return
+        for f, _ in queue:
+            if session is None:
+                self._give_up(f, "no session for encrypted message — dropping", step)
+            elif f.id in self._seen_ids:
+                step.acks.append(f.id)
+            else:
+                self._decrypt_into(session, f, now, random, step, from_buffer=True)
+
+    def tick(self, now: float, random: RandomSource) -> Step:
+        """Expire buffered frames and overdue KNOCK verdicts. Call about once a second."""
+        step = Step()
+        for knock_id, pending in list(self._pending_knocks.items()):
+            if now >= pending.deadline:
+                step.extend(self.resolve_knock(knock_id, False, now, random, reason="timeout"))
+        for peer in list(self._buffer):
+            queue = self._buffer[peer]
+            session = self.sessions.get(peer)
+            keep: deque[tuple[fr.MessageFrame, float]] = deque()
+            for f, expires in queue:
+                if now < expires:
+                    keep.append((f, expires))
+                elif session is not None and peer not in self._pending_knocks:
+                    self._decrypt_into(session, f, now, random, step, from_buffer=True)
+                else:
+                    self._give_up(
+                        f, "no session for encrypted message (pre-knock buffer expired)", step
+                    )
+            if keep:
+                self._buffer[peer] = keep
+            else:
+                del self._buffer[peer]
+        return step
+
+    def next_deadline(self) -> float | None:
+        """The earliest time :meth:`tick` has something to do, if any."""
+        times = [p.deadline for p in self._pending_knocks.values()]
+        times += [q[0][1] for q in self._buffer.values() if q]
+        return min(times) if times else None
+
+    # -- KNOCK ------------------------------------------------------------------------
+
+    def _on_knock(self, f: fr.KnockFrame, now: float, step: Step) -> None:
+        step.acks.append(f.id)  # KNOCKs are handled once; stop the relay replaying them
+        if f.id in self._seen_knocks or f.id in self._pending_knocks:
+            return
+        self._seen_knocks[f.id] = None
+        if len(self._seen_knocks) > self.config.dedupe_window:
+            self._seen_knocks.popitem(last=False)
+        session = self.sessions.get(f.from_did)
+        if (
+            session is not None
+            and f.establishment is not None
+            and session.knows_knock(f.establishment.ephemeral_public_key)
+        ):
+            return  # a replay of the KNOCK that made this session
+        if len(self._pending_knocks) >= _MAX_PENDING_KNOCKS:
+            step.events.append(
+                ErrorEvent(
+                    "knock", f.from_did, "too many KNOCKs awaiting a verdict — dropped", f.id
+                )
+            )
+            return
+        self._pending_knocks[f.id] = _PendingKnock(f, now + self.config.knock_timeout)
+        step.events.append(KnockDecision(f.from_did, f.intent, f.id))
+
+    def resolve_knock(
+        self,
+        knock_id: str,
+        accept: bool,
+        now: float,
+        random: RandomSource,
+        *,
+        reason: str = "policy_denied",
+    ) -> Step:
+        """Apply the policy verdict for a KNOCK (``KnockDecision.knock_id``).
+
+        Unknown or already-resolved ids are ignored (a late verdict after the timeout).
+        """
+        step = Step()
+        pending = self._pending_knocks.pop(knock_id, None)
+        if pending is None:
+            return step
+        f = pending.frame
+        peer = f.from_did
+        ts = fr.iso_timestamp(now)
+        if accept and f.establishment_error is not None:
+            step.events.append(
+                ErrorEvent(
+                    "knock",
+                    peer,
+                    f"failed to bootstrap responder from KNOCK: {f.establishment_error}",
+                    f.id,
+                )
+            )
+            accept = False
+        if accept and f.establishment is not None:
+            try:
+                self._accept_establishment(f, now, step)
+            except (MeshCryptoError, MeshConfigError) as exc:
+                step.events.append(
+                    ErrorEvent(
+                        "knock", peer, f"failed to bootstrap responder from KNOCK: {exc}", f.id
+                    )
+                )
+                accept = False
+        if not accept:
+            step.frames.append(
+                fr.knock_reject_frame(self.did, peer, self._new_id(), f.id, ts, "policy_denied")
+            )
+            queue = self._buffer.pop(peer, None)
+            for bf, _ in queue or ():
+                step.acks.append(bf.id)
+            return step
+        session = self.sessions.get(peer)
+        if session is not None:
+            session.accepted = True
+        step.frames.append(fr.knock_accept_frame(self.did, peer, self._new_id(), f.id, ts))
+        self._drain(peer, now, random, step)
+        return step
+
+    def _accept_establishment(self, f: fr.KnockFrame, now: float, step: Step) -> None:
+        assert f.establishment is not None
+        peer = f.from_did
+        est = f.establishment
+        known = self.peer_profiles.get(peer)
+        profiles = list(self.config.accept_profiles)
+        if known in profiles:
+            profiles.remove(known)
+            profiles.insert(0, known)
+        ad = channel_ad(
+            peer, self.did, est.initiator_identity_key, self.prekeys.identity.x25519_public
+        )
+        cands = [
+            Candidate(
+                c.profile,
+                DoubleRatchet.init_receiver(
+                    c.shared_secret, c.signed_pre_key.private, c.signed_pre_key.public, ad
+                ),
+                est.ephemeral_public_key,
+            )
+            for c in respond(self.prekeys, est, profiles=tuple(profiles))
+        ]
+        step.changed.add(peer)
+        session = self.sessions.get(peer)
+        if session is None:
+            session = PeerSession(peer, "responder", None, None, last_activity=now, accepted=True)
+            session.establishment_ek = b""
+            self.sessions[peer] = session
+        session.add_candidates(cands)
+
+    def _on_knock_reply(self, f: fr.KnockReplyFrame, now: float, step: Step) -> None:
+        if f.id:
+            step.acks.append(f.id)
+        peer = f.from_did
+        session = self.sessions.get(peer)
+        if f.accepted:
+            if session is not None:
+                session.accepted = True
+                step.changed.add(peer)
+            step.events.append(KnockAccepted(peer))
+            return
+        if session is not None and session.verified:
+            step.events.append(KnockRejected(peer, f.reason, ignored=True))
+            return
+        if session is not None and session.role == "initiator":
+            del self.sessions[peer]
+            self._outbox.pop(peer, None)
+            step.changed.add(peer)
+        step.events.append(KnockRejected(peer, f.reason, ignored=False))
+
+    # ------------------------------------------------------------------------------
+    # outbound
+    # ------------------------------------------------------------------------------
+
+    def profile_for(self, peer: str) -> KdfProfile:
+        """The KDF we use when initiating to ``peer``: override, else learned, else default."""
+        return (
+            self.profile_overrides.get(peer)
+            or self.peer_profiles.get(peer)
+            or self.config.initiator_profile
+        )
+
+    def needs_session(self, peer: str) -> bool:
+        """Whether sending to ``peer`` needs :meth:`establish` first (fetch its bundle)."""
+        if (
+            peer in self.plaintext_peers
+            and peer not in self.e2e_verified
+            and peer not in self.sessions
+        ):
+            return False
+        return peer not in self.sessions
+
+    def establish(
+        self,
+        peer: str,
+        bundle: PreKeyBundle,
+        now: float,
+        random: RandomSource,
+        *,
+        profile: KdfProfile | None = None,
+        resync: bool = False,
+    ) -> Step:
+        """Start a session as initiator: X3DH against ``bundle`` and a KNOCK frame.
+
+        With ``resync`` a small control message follows the KNOCK so an ``agt_mesh`` peer
+        switches to the new session even before the application sends anything.
+
+        Raises:
+            BundleVerificationError: if the bundle does not verify.
+        """
+        prof = profile or self.profile_for(peer)
+        init = initiate(self.prekeys.identity, bundle, random, profile=prof)
+        ad = channel_ad(self.did, peer, self.prekeys.identity.x25519_public, bundle.identity_key)
+        ratchet = DoubleRatchet.init_sender(init.shared_secret, bundle.signed_pre_key, ad, random)
+        old = self.sessions.get(peer)
+        session = PeerSession(
+            peer,
+            "initiator",
+            prof,
+            ratchet,
+            last_activity=now,
+            establishment_ek=init.establishment.ephemeral_public_key,
+        )
+        if old is not None and old.primary is not None:
+            session.previous = old.primary
+        self.sessions[peer] = session
+        step = Step(changed={peer})
+        ts = fr.iso_timestamp(now)
+        step.frames.append(fr.knock_frame(self.did, peer, self._new_id(), ts, init.establishment))
+        step.events.append(SessionEstablished(peer, "initiator", prof.value))
+        if resync:
+            step.frames.append(
+                self._encrypt_frame(session, peer, _RESYNC_PAYLOAD, now, random, self._new_id())
+            )
+        self._flush_outbox(peer, session, now, random, step)
+        return step
+
+    def send(
+        self,
+        peer: str,
+        payload: Any,
+        now: float,
+        random: RandomSource,
+        *,
+        message_id: str | None = None,
+    ) -> tuple[Step, str]:
+        """Encrypt ``payload`` (any JSON value) for ``peer``.
+
+        If we are the responder and have not received the peer's first message yet, the
+        message is queued and sent as soon as that happens (bounded).
+
+        Raises:
+            MeshProtocolError: if there is no session (call :meth:`establish`) or the
+                queue for the peer is full; ``MeshConfigError`` for non-JSON payloads.
+        """
+        mid = message_id or self._new_id()
+        try:
+            compact_json(payload)
+        except (TypeError, ValueError):
+            raise MeshConfigError("payload must be a JSON-serialisable value") from None
+        step = Step()
+        session = self.sessions.get(peer)
+        if session is None:
+            if peer in self.plaintext_peers and peer not in self.e2e_verified:
+                step.frames.append(
+                    fr.plaintext_message_frame(self.did, peer, mid, fr.iso_timestamp(now), payload)
+                )
+                return step, mid
+            raise MeshProtocolError(f"No encrypted session with {peer}. Call establish() first.")
+        if not session.can_send:
+            queue = self._outbox.setdefault(peer, deque())
+            if len(queue) >= _MAX_OUTBOX:
+                raise MeshProtocolError(
+                    f"too many messages queued for {peer} (waiting for its first message)"
+                )
+            queue.append((mid, payload))
+            return step, mid
+        step.frames.append(self._encrypt_frame(session, peer, payload, now, random, mid))
+        step.changed.add(peer)
+        return step, mid
+
+    def _encrypt_frame(
+        self,
+        session: PeerSession,
+        peer: str,
+        payload: Any,
+        now: float,
+        random: RandomSource,
+        mid: str,
+    ) -> dict[str, Any]:
+        assert session.primary is not None
+        header, blob = session.primary.encrypt(compact_json(payload).encode(), random)
+        session.last_activity = now
+        return fr.message_frame(self.did, peer, mid, fr.iso_timestamp(now), header, blob)
+
+    def _flush_outbox(
+        self, peer: str, session: PeerSession, now: float, random: RandomSource, step: Step
+    ) -> None:
+        queue = self._outbox.pop(peer, None)
+        while queue:
+            mid, payload = queue.popleft()
+            step.frames.append(self._encrypt_frame(session, peer, payload, now, random, mid))
+            step.changed.add(peer)
+
+    def queued(self, peer: str) -> int:
+        """Messages waiting for the peer's first message before they can be encrypted."""
+        return len(self._outbox.get(peer, ()))
+
+    # ------------------------------------------------------------------------------
+    # sessions
+    # ------------------------------------------------------------------------------
+
+    def reset_session(self, peer: str) -> bool:
+        """Forget the session with ``peer`` (the next send KNOCKs again)."""
+        self._outbox.pop(peer, None)
+        return self.sessions.pop(peer, None) is not None
+
+    def restore_session(self, session: PeerSession) -> None:
+        """Install a persisted session."""
+        self.sessions[session.peer] = session
+        if session.verified:
+            self.e2e_verified.add(session.peer)
+        if session.profile is not None and session.verified:
+            self.peer_profiles.setdefault(session.peer, session.profile)
+
+    def session_summaries(self) -> list[dict[str, Any]]:
+        return [s.summary() for s in self.sessions.values()]
+
+    def seen_ids(self) -> Iterable[str]:
+        return self._seen_ids.keys()
+
+    def mark_seen(self, ids: Iterable[str]) -> None:
+        """Restore the de-duplication window."""
+        for i in ids:
+            self._remember_id(i)

@@ -1,0 +1,239 @@
+"""One peer's session: the active ratchet plus the ratchets that may replace it.
+
+A session can hold, besides its **primary** ratchet:
+
+* **candidates** — responder ratchets derived from a KNOCK whose KDF profile (and signed
+  pre-key) is not yet known; the first message whose AEAD tag verifies under one of
+  them decides, and that one becomes primary.  Until then nothing is assumed.
+* a **previous** ratchet — the primary that was replaced when the peer re-keyed (after a
+  restart, or when both sides KNOCKed at once), kept to decrypt frames still in flight.
+
+Decryption tries the primary, then the candidates, then the previous ratchet.  Every
+try is transactional (see :mod:`agt_mesh.core.ratchet`), so a failed try costs time but
+never state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from agt_mesh.core.primitives import RandomSource
+from agt_mesh.core.ratchet import DoubleRatchet
+from agt_mesh.core.x3dh import KdfProfile
+from agt_mesh.errors import DecryptError, DuplicateMessageError, MeshStateError
+
+__all__ = ["MAX_CANDIDATES", "Candidate", "DecryptOutcome", "PeerSession"]
+
+#: Re-key candidates kept per peer (bounds the work a flood of KNOCKs can cause).
+MAX_CANDIDATES = 8
+SESSION_STATE_VERSION = 1
+
+
+@dataclass(slots=True)
+class Candidate:
+    profile: KdfProfile
+    ratchet: DoubleRatchet
+    #: the KNOCK that produced it (replays of the same KNOCK are ignored)
+    knock_ek: bytes = b""
+
+
+@dataclass(slots=True)
+class DecryptOutcome:
+    plaintext: bytes
+    #: "primary", "candidate" or "previous"
+    source: str
+    switched: bool = False
+
+
+@dataclass(slots=True)
+class PeerSession:
+    """Everything we hold for one peer."""
+
+    peer: str
+    role: str  # "initiator" or "responder" of the primary
+    profile: KdfProfile | None
+    primary: DoubleRatchet | None
+    candidates: list[Candidate] = field(default_factory=list)
+    previous: DoubleRatchet | None = None
+    #: the primary has decrypted at least one message
+    verified: bool = False
+    #: the peer accepted our KNOCK (initiator) or we accepted theirs (responder)
+    accepted: bool = False
+    failures: int = 0
+    last_activity: float = 0.0
+    establishment_ek: bytes = b""
+
+    @property
+    def can_send(self) -> bool:
+        return self.primary is not None and self.primary.can_send
+
+    def knows_knock(self, ek: bytes) -> bool:
+        """Whether the KNOCK with ephemeral key ``ek`` made this session or a candidate."""
+        return ek == self.establishment_ek or any(c.knock_ek == ek for c in self.candidates)
+
+    def add_candidates(self, cands: list[Candidate]) -> bool:
+        """Add the candidates of one KNOCK; False if that KNOCK was already seen."""
+        if not cands or (cands[0].knock_ek and self.knows_knock(cands[0].knock_ek)):
+            return False
+        self.candidates.extend(cands)
+        if len(self.candidates) > MAX_CANDIDATES:
+            del self.candidates[: len(self.candidates) - MAX_CANDIDATES]
+        return True
+
+    def decrypt(
+        self, header: bytes, blob: bytes, random: RandomSource, *, keep_own: bool
+    ) -> DecryptOutcome:
+        """Decrypt with the primary, else a candidate, else the previous ratchet.
+
+        ``keep_own``: when a *candidate* decrypts but our unverified primary is a session
+        we initiated and we win the tie-break of a simultaneous KNOCK, the candidate is
+        used for this message without replacing the primary.
+
+        Raises:
+            DecryptError: the error of the primary (or of the first candidate when there
+                is no primary) if nothing decrypts; ``DuplicateMessageError`` at once for
+                a duplicate on the primary.
+        """
+        first_error: DecryptError | None = None
+        if self.primary is not None:
+            try:
+                pt = self.primary.decrypt(header, blob, random)
+            except DuplicateMessageError:
+                raise
+            except DecryptError as exc:
+                first_error = exc
+            else:
+                self.verified = True
+                return DecryptOutcome(pt, "primary")
+        for i, cand in enumerate(self.candidates):
+            try:
+                pt = cand.ratchet.decrypt(header, blob, random)
+            except DecryptError as exc:
+                first_error = first_error or exc
+                continue
+            del self.candidates[i]
+            if self.primary is not None and keep_own and not self.verified:
+                # keep our primary; remember the peer's session for its later frames
+                self.previous = cand.ratchet
+                return DecryptOutcome(pt, "candidate")
+            if self.primary is not None:
+                self.previous = self.primary
+            self.primary = cand.ratchet
+            self.profile = cand.profile
+            self.role = "responder"
+            self.establishment_ek = cand.knock_ek
+            self.verified = True
+            self.accepted = True
+            switched = self.previous is not None
+            if switched:
+                self.candidates.clear()
+            return DecryptOutcome(pt, "candidate", switched=switched)
+        if self.previous is not None:
+            try:
+                pt = self.previous.decrypt(header, blob, random)
+            except DecryptError as exc:
+                first_error = first_error or exc
+            else:
+                return DecryptOutcome(pt, "previous")
+        assert first_error is not None
+        raise first_error
+
+    def summary(self) -> dict[str, Any]:
+        """Counters and flags only — never key material."""
+        return {
+            "peer": self.peer,
+            "role": self.role,
+            "kdf_profile": self.profile.value if self.profile else None,
+            "verified": self.verified,
+            "accepted": self.accepted,
+            "pending_candidates": len(self.candidates),
+            "has_previous": self.previous is not None,
+            "consecutive_failures": self.failures,
+            "last_activity": self.last_activity,
+            "ratchet": self.primary.summary() if self.primary else None,
+        }
+
+    # -- persistence --------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        """Serialise (msgpack, version 1): the ratchets are nested ``DoubleRatchet`` states."""
+        return msgpack.packb(  # type: ignore[no-any-return]
+            [
+                SESSION_STATE_VERSION,
+                self.peer,
+                self.role,
+                self.profile.value if self.profile else None,
+                self.primary.to_bytes() if self.primary else None,
+                [[c.profile.value, c.ratchet.to_bytes(), c.knock_ek] for c in self.candidates],
+                self.previous.to_bytes() if self.previous else None,
+                self.verified,
+                self.accepted,
+                self.failures,
+                self.last_activity,
+                self.establishment_ek,
+            ],
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PeerSession:
+        """Restore a session written by :meth:`to_bytes`.
+
+        Raises:
+            MeshStateError: for unknown versions or corrupted data.
+        """
+        try:
+            obj = msgpack.unpackb(data, raw=False)
+        except Exception:
+            raise MeshStateError("session state is not valid msgpack") from None
+        if (
+            not isinstance(obj, list)
+            or not obj
+            or obj[0] != SESSION_STATE_VERSION
+            or len(obj) != 12
+        ):
+            raise MeshStateError("session state has an unknown version or layout")
+        try:
+            (
+                _,
+                peer,
+                role,
+                profile,
+                primary,
+                cands,
+                previous,
+                verified,
+                accepted,
+                failures,
+                last,
+                ek,
+            ) = obj
+            return cls(
+                peer=str(peer),
+                role=str(role),
+                profile=KdfProfile(profile) if profile else None,
+                primary=DoubleRatchet.from_bytes(primary) if primary else None,
+                candidates=[
+                    Candidate(KdfProfile(p), DoubleRatchet.from_bytes(r), bytes(e))
+                    for p, r, e in cands
+                ],
+                previous=DoubleRatchet.from_bytes(previous) if previous else None,
+                verified=bool(verified),
+                accepted=bool(accepted),
+                failures=int(failures),
+                last_activity=float(last),
+                establishment_ek=bytes(ek),
+            )
+        except MeshStateError:
+            raise
+        except (TypeError, ValueError):
+            raise MeshStateError("session state is corrupted") from None
+
+    def __repr__(self) -> str:
+        return (
+            f"PeerSession(peer={self.peer!r}, role={self.role!r}, profile={self.profile}, "
+            f"verified={self.verified}, candidates={len(self.candidates)})"
+        )
