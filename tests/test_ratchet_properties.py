@@ -18,7 +18,7 @@ from agt_mesh.errors import (
 )
 
 FAST = settings(
-    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 
 Msg = tuple[bytes, bytes]
@@ -170,7 +170,7 @@ def _assert_rejected(r: DoubleRatchet, header: bytes, blob: bytes, rng: Drbg) ->
 # --------------------------------------------------------------------------------------
 
 
-@FAST
+@settings(max_examples=500, deadline=None)
 @given(order=st.integers(1, 30).flatmap(lambda k: st.permutations(range(k))))
 def test_any_permutation_of_one_batch(order: list[int]) -> None:
     rng = Drbg("perm-batch")
@@ -224,7 +224,7 @@ def _scenario(name: str, p: Pair, rng: Drbg) -> tuple[DoubleRatchet, Msg, bytes]
     return p.bob, a1[1], plaintext(1)  # cached key of the previous chain
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=800, deadline=None)
 @given(
     scenario=st.sampled_from(SCENARIOS),
     part=st.sampled_from(("header", "blob", "ad")),

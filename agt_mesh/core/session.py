@@ -114,7 +114,8 @@ class PeerSession:
             except DecryptError as exc:
                 first_error = first_error or exc
                 continue
-            del self.candidates[i]
+            # the other candidates of the same KNOCK are now known to be wrong
+            self.candidates = [c for c in self.candidates if c.knock_ek != cand.knock_ek]
             if self.primary is not None and keep_own and not self.verified:
                 # keep our primary; remember the peer's session for its later frames
                 self.previous = cand.ratchet

@@ -1,0 +1,617 @@
+"""``MeshClient``: the asyncio API agents use.
+
+It ties the sans-I/O :class:`~agt_mesh.core.protocol.MeshProtocol` to the relay transport,
+the registry client and the writer lock::
+
+    async with MeshClient(identity, relay_url=..., registry_url=..., display_name="alice") as mesh:
+        await mesh.send("bob", {"text": "hi"})          # a DID or a display name
+        msg = await mesh.wait_for(from_="bob", timeout=30)
+        print(msg.payload)
+
+Concurrency: one task reads the relay and processes frames in order; sends and policy
+verdicts take the same lock, so the protocol state is only touched by one coroutine at a
+time.  Hooks (``on_message`` ...) are called in that order too; a hook that raises is
+logged and otherwise ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from agt_mesh import __version__
+from agt_mesh.core import events as ev
+from agt_mesh.core import frames as fr
+from agt_mesh.core.identity import Identity, is_mesh_did
+from agt_mesh.core.primitives import RandomSource
+from agt_mesh.core.protocol import MeshProtocol, ProtocolConfig, Step
+from agt_mesh.core.x3dh import KdfProfile, PreKeyStore
+from agt_mesh.errors import MeshConfigError, MeshError, MeshTransportError, PeerNotFoundError
+from agt_mesh.shell.identity_file import load_identity
+from agt_mesh.shell.inbox import InboundMessage, Inbox
+from agt_mesh.shell.lock import WriterLock
+from agt_mesh.shell.registry import AgentRecord, RegistryClient
+from agt_mesh.shell.relay import RelayTransport
+
+__all__ = ["MeshClient"]
+
+log = logging.getLogger("agt_mesh.client")
+
+MessageHook = Callable[[InboundMessage], Awaitable[None] | None]
+KnockPolicy = Callable[[str, Any], Awaitable[bool]]
+ErrorHook = Callable[[str, str | None, str], Awaitable[None] | None]
+DisconnectHook = Callable[[str, int | None], Awaitable[None] | None]
+VerifiedHook = Callable[[str, bool], Awaitable[None] | None]
+
+_DAY = 86400.0
+
+
+def _token_source(value: str | Callable[[], str | None] | None) -> Callable[[], str | None] | None:
+    if value is None or callable(value):
+        return value
+    return lambda: value
+
+
+def token_from_env(name: str) -> Callable[[], str | None]:
+    """A token source reading environment variable ``name`` at every (re)connect."""
+    return lambda: os.environ.get(name) or None
+
+
+def token_from_file(path: str | os.PathLike[str]) -> Callable[[], str | None]:
+    """A token source reading a file at every (re)connect (so rotation works)."""
+
+    def read() -> str | None:
+        try:
+            return Path(path).read_text().strip() or None
+        except OSError:
+            return None
+
+    return read
+
+
+class MeshClient:
+    """An agent's connection to the mesh: identity, sessions, relay and registry.
+
+    Args:
+        identity: an :class:`Identity`, or the path of an identity file.
+        relay_url: ``http(s)://`` or ``ws(s)://`` URL of the relay.
+        registry_url: base URL of the registry.
+        state_dir: directory of the writer lock (default: the identity file's directory);
+            ``None`` with an ``Identity`` object means no lock (ephemeral use).
+        display_name: registered as the first capability and in the metadata, so peers
+            can address this agent by name.
+        capabilities: extra capabilities to register.
+        profile: X3DH KDF for sessions we initiate: ``"current"`` (spec) or ``"ts-sdk-4"``
+            (the legacy KDF of npm 4.0.0 peers).  As responder both are always accepted.
+        peer_profiles: per-peer overrides of ``profile``.
+        policy: ``async (peer_did, intent) -> bool`` deciding KNOCKs (default: accept).
+        plaintext_peers: DIDs allowed to exchange unencrypted frames (see the downgrade latch).
+        registration: ``"auto"`` (POP, falling back to the legacy body on 422), ``"pop"``,
+            ``"legacy"``.
+        relay_token: the relay's shared secret (``AGENTMESH_RELAY_TOKEN``), if it wants one.
+        entra_token: an Entra token or a callable returning one, re-read on every connect.
+        one_time_prekeys: OTKs uploaded at a time; replenished below ``replenish_below``.
+        signed_prekey_rotation / signed_prekey_retention: seconds (7 and 14 days).
+        heartbeat_interval: relay heartbeat period (30 s).
+        connect_timeout: how long ``connect()`` may take against an unreachable relay.
+        inbox_size: bound of the inbox; when full, reading from the relay pauses.
+        random / clock: injectable randomness and time.
+    """
+
+    def __init__(
+        self,
+        identity: Identity | str | os.PathLike[str],
+        *,
+        relay_url: str,
+        registry_url: str,
+        state_dir: str | os.PathLike[str] | None = None,
+        display_name: str | None = None,
+        capabilities: Sequence[str] = (),
+        metadata: dict[str, str] | None = None,
+        profile: str | KdfProfile = "current",
+        peer_profiles: dict[str, str | KdfProfile] | None = None,
+        policy: KnockPolicy | None = None,
+        plaintext_peers: Iterable[str] = (),
+        registration: str = "auto",
+        relay_token: str | None = None,
+        entra_token: str | Callable[[], str | None] | None = None,
+        one_time_prekeys: int = 20,
+        replenish_below: int = 5,
+        signed_prekey_rotation: float = 7 * _DAY,
+        signed_prekey_retention: float = 14 * _DAY,
+        heartbeat_interval: float | None = 30.0,
+        connect_timeout: float = 10.0,
+        registry_timeout: float = 10.0,
+        send_timeout: float = 30.0,
+        reconnect: bool = True,
+        inbox_size: int = 10_000,
+        knock_timeout: float = 10.0,
+        random: RandomSource = os.urandom,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if isinstance(identity, Identity):
+            self.identity = identity
+            self._identity_path: Path | None = None
+        else:
+            self._identity_path = Path(identity)
+            self.identity = load_identity(self._identity_path)
+            if state_dir is None:
+                state_dir = self._identity_path.parent
+        if registration not in ("auto", "pop", "legacy"):
+            raise MeshConfigError("registration must be 'auto', 'pop' or 'legacy'")
+        self.relay_url = relay_url
+        self.registry_url = registry_url
+        self.display_name = display_name
+        self.capabilities = list(dict.fromkeys([*([display_name] if display_name else []), *capabilities]))
+        self.metadata = {
+            **(metadata or {}),
+            **({"display_name": display_name} if display_name else {}),
+            "runtime": "python",
+            "library": f"kars-agt-mesh/{__version__}",
+        }
+        self._random = random
+        self._clock = clock
+        self._registration = registration
+        self._relay_token = relay_token
+        self._entra = _token_source(entra_token)
+        self.one_time_prekeys = one_time_prekeys
+        self.replenish_below = replenish_below
+        self.signed_prekey_rotation = signed_prekey_rotation
+        self.signed_prekey_retention = signed_prekey_retention
+        self.heartbeat_interval = heartbeat_interval
+        self.connect_timeout = connect_timeout
+        self.registry_timeout = registry_timeout
+        self.send_timeout = send_timeout
+        self.reconnect = reconnect
+        self._lockfile = WriterLock(state_dir) if state_dir is not None else None
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self.prekeys = PreKeyStore(self.identity)
+        self.protocol = MeshProtocol(
+            ProtocolConfig(
+                did=self.identity.did,
+                initiator_profile=KdfProfile.parse(profile),
+                knock_timeout=knock_timeout,
+            ),
+            self.prekeys,
+            new_id=self._new_id,
+        )
+        for peer, prof in (peer_profiles or {}).items():
+            self.protocol.profile_overrides[peer] = KdfProfile.parse(prof)
+        self.protocol.plaintext_peers.update(plaintext_peers)
+        self.inbox = Inbox(inbox_size)
+        self._policy = policy
+        self._message_hooks: list[MessageHook] = []
+        self._error_hooks: list[ErrorHook] = []
+        self._disconnect_hooks: list[DisconnectHook] = []
+        self._verified_hooks: list[VerifiedHook] = []
+        self._lock = asyncio.Lock()
+        self._registry: RegistryClient | None = None
+        self._transport: RelayTransport | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._ticker: asyncio.Task[None] | None = None
+        self._names: dict[str, str] = {}
+        self._registered = False
+        self._replenishing = False
+        self.uploaded_otks = 0
+
+    # ------------------------------------------------------------------------------
+    # properties and hooks
+    # ------------------------------------------------------------------------------
+
+    @property
+    def did(self) -> str:
+        """Our ``did:mesh:`` DID."""
+        return self.identity.did
+
+    @property
+    def is_connected(self) -> bool:
+        return self._transport is not None and self._transport.is_connected
+
+    @property
+    def registry(self) -> RegistryClient:
+        if self._registry is None:
+            raise MeshTransportError("not connected: call connect() first")
+        return self._registry
+
+    @property
+    def transport(self) -> RelayTransport | None:
+        return self._transport
+
+    def on_message(self, hook: MessageHook) -> MessageHook:
+        """Register ``hook(message)``, called for every message (usable as a decorator).
+
+        Messages also go to the inbox; consume them there (or ignore the inbox).
+        """
+        self._message_hooks.append(hook)
+        return hook
+
+    def on_knock(self, policy: KnockPolicy) -> KnockPolicy:
+        """Set the KNOCK policy ``async (peer_did, intent) -> bool`` (default: accept all)."""
+        self._policy = policy
+        return policy
+
+    def on_error(self, hook: ErrorHook) -> ErrorHook:
+        """Register ``hook(kind, peer, detail)`` for frame, decrypt, knock, relay and ws errors."""
+        self._error_hooks.append(hook)
+        return hook
+
+    def on_disconnect(self, hook: DisconnectHook) -> DisconnectHook:
+        """Register ``hook(reason, code)``; ``reason`` is ``"client"`` or ``"server"``."""
+        self._disconnect_hooks.append(hook)
+        return hook
+
+    def on_e2e_verified(self, hook: VerifiedHook) -> VerifiedHook:
+        """Register ``hook(peer, first_peer)``, called at the first decryption from a peer."""
+        self._verified_hooks.append(hook)
+        return hook
+
+    def add_plaintext_peer(self, did: str) -> None:
+        """Allow unencrypted frames with ``did`` (only while it was never E2E-verified)."""
+        self.protocol.plaintext_peers.add(did)
+
+    def remove_plaintext_peer(self, did: str) -> None:
+        self.protocol.plaintext_peers.discard(did)
+
+    def is_plaintext_peer(self, did: str) -> bool:
+        return did in self.protocol.plaintext_peers
+
+    def set_peer_profile(self, did: str, profile: str | KdfProfile) -> None:
+        """Use ``profile`` (``current``/``ts-sdk-4``) when initiating to ``did``."""
+        self.protocol.profile_overrides[did] = KdfProfile.parse(profile)
+
+    def _new_id(self) -> str:
+        return str(uuid.UUID(bytes=self._random(16), version=4))
+
+    # ------------------------------------------------------------------------------
+    # lifecycle
+    # ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> MeshClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.disconnect()
+
+    async def connect(self) -> None:
+        """Take the writer lock, register, publish pre-keys and connect to the relay.
+
+        Idempotent.  On any failure everything is released (lock included) and the error
+        is raised.
+
+        Raises:
+            LockHeldError: another process uses this identity's state directory.
+            MeshAuthError: the relay or registry refused our credentials.
+            MeshTransportError / MeshRegistryError: unreachable or failing servers.
+        """
+        if self.is_connected:
+            return
+        try:
+            if self._lockfile is not None:
+                self._lockfile.acquire()
+            if self._registry is None:
+                self._registry = RegistryClient(
+                    self.registry_url, self.identity, timeout=self.registry_timeout,
+                    registration=self._registration, clock=self._clock,  # type: ignore[arg-type]
+                )
+            if not self._registered:
+                await self._registry.register(self.capabilities, self.metadata)
+                self._registered = True
+            await self._ensure_prekeys()
+            if self._transport is None:
+                self._transport = RelayTransport(
+                    self.relay_url, self.identity, on_frame=self._on_frame,
+                    token=self._token, connect_timeout=self.connect_timeout,
+                    heartbeat_interval=self.heartbeat_interval, reconnect=self.reconnect,
+                    clock=self._clock, on_disconnect=self._on_transport_disconnect,
+                    on_error=self._on_transport_error,
+                )
+            await self._transport.connect()
+            if self._ticker is None or self._ticker.done():
+                self._ticker = asyncio.create_task(self._tick_loop(), name="agt-mesh-tick")
+        except BaseException:
+            await self._teardown()
+            raise
+
+    def _token(self) -> str | None:
+        if self._entra is not None:
+            tok = self._entra()
+            if tok:
+                return tok
+        return self._relay_token
+
+    async def disconnect(self) -> None:
+        """Close the relay connection, stop background work and release the writer lock."""
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(BaseException):
+                await self._ticker
+            self._ticker = None
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        self._tasks.clear()
+        if self._transport is not None:
+            with contextlib.suppress(Exception):
+                await self._transport.close()
+            self._transport = None
+        if self._registry is not None:
+            with contextlib.suppress(Exception):
+                await self._registry.aclose()
+            self._registry = None
+        if self._lockfile is not None:
+            self._lockfile.release()
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------------------
+    # pre-keys
+    # ------------------------------------------------------------------------------
+
+    async def _ensure_prekeys(self) -> None:
+        now = self._clock()
+        spk = self.prekeys.signed_pre_key
+        upload = False
+        if spk is None or (spk.created_at is not None and now - spk.created_at >= self.signed_prekey_rotation):
+            self.prekeys.generate_signed_pre_key(self._random, created_at=now)
+            self.prekeys.drop_retired_before(now - self.signed_prekey_retention)
+            upload = True
+        missing = self.one_time_prekeys - len(self.prekeys.one_time_pre_keys)
+        if len(self.prekeys.one_time_pre_keys) < self.replenish_below or upload:
+            if missing > 0:
+                self.prekeys.generate_one_time_pre_keys(missing, self._random)
+            upload = True
+        if upload:
+            await self._upload_bundle()
+
+    async def _upload_bundle(self) -> None:
+        spk = self.prekeys.signed_pre_key
+        assert spk is not None and self._registry is not None
+        otks = self.prekeys.one_time_pre_keys
+        await self._registry.upload_prekeys(spk, otks)
+        self.uploaded_otks = len(otks)
+
+    async def _replenish(self) -> None:
+        try:
+            await self._ensure_prekeys()
+        except MeshError as exc:
+            await self._emit_error("registry", None, f"pre-key replenishment failed: {exc}")
+        finally:
+            self._replenishing = False
+
+    # ------------------------------------------------------------------------------
+    # inbound
+    # ------------------------------------------------------------------------------
+
+    async def _on_frame(self, text: str) -> None:
+        async with self._lock:
+            step = self.protocol.receive_text(
+                text, self._clock(), self._random, max_bytes=fr.DEFAULT_MAX_FRAME_BYTES
+            )
+        await self._apply(step)
+
+    async def _apply(self, step: Step) -> None:
+        """Send a step's frames, deliver its events, then acknowledge."""
+        for frame in step.frames:
+            await self._send_frame(frame)
+        for event in step.events:
+            await self._handle_event(event)
+        for ack in step.ack_frames():
+            await self._send_frame(ack)
+        if (
+            not self._replenishing
+            and self._registry is not None
+            and len(self.prekeys.one_time_pre_keys) < self.replenish_below
+        ):
+            self._replenishing = True
+            self._spawn(self._replenish(), "agt-mesh-replenish")
+
+    async def _send_frame(self, frame: dict[str, Any]) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        try:
+            await transport.send(frame)
+        except MeshTransportError as exc:
+            log.debug("frame not sent: %s", exc)
+
+    async def _handle_event(self, event: ev.Event) -> None:
+        if isinstance(event, ev.MessageReceived):
+            msg = InboundMessage(
+                event.peer, event.payload, event.message_id, self._clock(), event.plaintext,
+                self._names.get(event.peer),
+            )
+            await self.inbox.put(msg)
+            for hook in list(self._message_hooks):
+                await self._call(hook, msg)
+        elif isinstance(event, ev.KnockDecision):
+            self._spawn(self._decide_knock(event), "agt-mesh-knock")
+        elif isinstance(event, ev.ErrorEvent):
+            await self._emit_error(event.kind, event.peer, event.detail)
+        elif isinstance(event, ev.SessionDesync):
+            await self._emit_error("session_desync", event.peer, event.detail)
+        elif isinstance(event, ev.ResyncNeeded):
+            self._spawn(self._resync(event.peer), "agt-mesh-resync")
+        elif isinstance(event, ev.E2EVerified):
+            for hook in list(self._verified_hooks):
+                await self._call(hook, event.peer, event.first_peer)
+        elif isinstance(event, ev.KnockRejected) and not event.ignored:
+            await self._emit_error("knock", event.peer, f"peer rejected our KNOCK ({event.reason})")
+
+    async def _call(self, hook: Callable[..., Any], *args: Any) -> None:
+        try:
+            result = hook(*args)
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception:
+            log.exception("hook %r failed", hook)
+
+    async def _emit_error(self, kind: str, peer: str | None, detail: str) -> None:
+        log.debug("mesh error %s from %s: %s", kind, peer, detail)
+        for hook in list(self._error_hooks):
+            await self._call(hook, kind, peer, detail)
+
+    async def _decide_knock(self, event: ev.KnockDecision) -> None:
+        accept = True
+        if self._policy is not None:
+            try:
+                accept = bool(await asyncio.wait_for(self._policy(event.peer, event.intent),
+                                                     self.protocol.config.knock_timeout))
+            except TimeoutError:
+                accept = False
+            except Exception as exc:
+                await self._emit_error("knock", event.peer, f"policy hook failed, rejecting: {exc}")
+                accept = False
+        async with self._lock:
+            step = self.protocol.resolve_knock(event.knock_id, accept, self._clock(), self._random)
+        await self._apply(step)
+
+    async def _resync(self, peer: str) -> None:
+        try:
+            bundle = await self.registry.fetch_bundle(peer)
+            async with self._lock:
+                step = self.protocol.establish(peer, bundle, self._clock(), self._random, resync=True)
+            await self._apply(step)
+        except MeshError as exc:
+            await self._emit_error("session_desync", peer, f"automatic re-KNOCK failed: {exc}")
+
+    async def _tick_loop(self) -> None:
+        while True:
+            deadline = self.protocol.next_deadline()
+            now = self._clock()
+            delay = 0.5 if deadline is None else min(0.5, max(0.02, deadline - now))
+            await asyncio.sleep(delay)
+            async with self._lock:
+                step = self.protocol.tick(self._clock(), self._random)
+            if step.frames or step.events or step.acks:
+                await self._apply(step)
+
+    async def _on_transport_disconnect(self, reason: str, code: int | None) -> None:
+        for hook in list(self._disconnect_hooks):
+            await self._call(hook, reason, code)
+
+    async def _on_transport_error(self, kind: str, detail: str) -> None:
+        await self._emit_error(kind, None, detail)
+
+    # ------------------------------------------------------------------------------
+    # outbound
+    # ------------------------------------------------------------------------------
+
+    async def resolve(self, to: str) -> str:
+        """A DID for ``to`` (a DID, or a display name looked up in the registry).
+
+        Raises:
+            PeerNotFoundError: no agent registered that exact name.
+        """
+        if to.startswith("did:"):
+            return to
+        for did, name in self._names.items():
+            if name == to:
+                return did
+        record = await self.registry.find_by_display_name(to)
+        if record is None:
+            raise PeerNotFoundError(f"no agent named {to!r} in the registry (names are exact)")
+        self._names[record.did] = to
+        return record.did
+
+    async def send(self, to: str, payload: Any) -> str:
+        """Send ``payload`` (any JSON value) to ``to`` (DID or display name); returns the message id.
+
+        The first message to a peer fetches its pre-key bundle and sends a KNOCK first.
+        Returns once the frames were handed to the relay.
+
+        Raises:
+            PeerNotFoundError, BundleVerificationError, MeshTransportError (not connected
+            within ``send_timeout``), MeshConfigError (payload not JSON).
+        """
+        did = await self.resolve(to)
+        transport = self._transport
+        if transport is None or not await transport.wait_connected(self.send_timeout):
+            raise MeshTransportError("not connected to the relay; call connect() (or wait for reconnection)")
+        if self.protocol.needs_session(did):
+            bundle = await self.registry.fetch_bundle(did)
+            async with self._lock:
+                step = (
+                    self.protocol.establish(did, bundle, self._clock(), self._random)
+                    if self.protocol.needs_session(did)
+                    else Step()
+                )
+            await self._apply(step)
+        async with self._lock:
+            step, mid = self.protocol.send(did, payload, self._clock(), self._random)
+        for frame in step.frames:
+            await transport.send(frame)
+        return mid
+
+    async def discover(self, capability: str, *, limit: int = 50) -> list[AgentRecord]:
+        """Agents registered with ``capability`` (exact match), freshest first."""
+        records = await self.registry.discover(capability, limit=limit)
+        for r in records:
+            if r.display_name:
+                self._names.setdefault(r.did, r.display_name)
+        return records
+
+    async def verify_tier(self, token: str) -> dict[str, Any]:
+        """Ask the registry to upgrade us to the verified tier with an OAuth (Entra) token."""
+        return await self.registry.verify_tier(token)
+
+    # ------------------------------------------------------------------------------
+    # inbox
+    # ------------------------------------------------------------------------------
+
+    async def messages(self) -> AsyncIterator[InboundMessage]:
+        """Consume messages forever, in arrival order."""
+        async for msg in self.inbox:
+            yield msg
+
+    def drain(self) -> list[InboundMessage]:
+        """Remove and return every waiting message without blocking."""
+        return self.inbox.drain()
+
+    async def wait_for(
+        self,
+        *,
+        from_: str | None = None,
+        timeout: float | None = None,
+        predicate: Callable[[InboundMessage], bool] | None = None,
+    ) -> InboundMessage:
+        """Wait for (and consume) the first message from ``from_`` (DID or display name).
+
+        Raises:
+            TimeoutError: nothing matched within ``timeout`` seconds.
+        """
+        senders: set[str] | None = None
+        if from_ is not None:
+            senders = {await self.resolve(from_)} if not is_mesh_did(from_) else {from_}
+            if from_.startswith("did:"):
+                senders = {from_}
+
+        def match(m: InboundMessage) -> bool:
+            if senders is not None and m.sender not in senders:
+                return False
+            return predicate is None or predicate(m)
+
+        return await self.inbox.get(match, timeout)
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """A summary of every session (counters only, no key material)."""
+        return self.protocol.session_summaries()
+
+    def __repr__(self) -> str:
+        return f"MeshClient(did={self.did!r}, connected={self.is_connected})"
