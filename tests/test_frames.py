@@ -82,8 +82,15 @@ def test_connect_frames() -> None:
     text = fr.encode_frame(fr.connect_frame(A, identity=ident, timestamp=TS, token="tok"))
     sig = ident.sign(TS.encode())
     assert text == (
-        '{"v":1,"type":"connect","from":"' + A + '","public_key":"' + b64(ident.ed25519_public)
-        + '","timestamp":"' + TS + '","signature":"' + b64(sig) + '","token":"tok"}'
+        '{"v":1,"type":"connect","from":"'
+        + A
+        + '","public_key":"'
+        + b64(ident.ed25519_public)
+        + '","timestamp":"'
+        + TS
+        + '","signature":"'
+        + b64(sig)
+        + '","token":"tok"}'
     )
     frame = json.loads(text)
     Ed25519PublicKey.from_public_bytes(base64.b64decode(frame["public_key"])).verify(
@@ -96,20 +103,47 @@ def test_connect_frames() -> None:
 def test_knock_frames() -> None:
     with_otk = fr.knock_frame(A, B, FID, TS, Establishment(IK, EK, 5))
     assert fr.encode_frame(with_otk) == (
-        '{"v":1,"type":"knock","from":"' + A + '","to":"' + B + '","id":"' + FID + '","ts":"'
-        + TS + '","intent":{"action":"establish_session"},"establishment":{"ik":"' + b64(IK)
-        + '","ek":"' + b64(EK) + '","otk":5}}'
+        '{"v":1,"type":"knock","from":"'
+        + A
+        + '","to":"'
+        + B
+        + '","id":"'
+        + FID
+        + '","ts":"'
+        + TS
+        + '","intent":{"action":"establish_session"},"establishment":{"ik":"'
+        + b64(IK)
+        + '","ek":"'
+        + b64(EK)
+        + '","otk":5}}'
     )
     no_otk = fr.knock_frame(A, B, FID, TS, Establishment(IK, EK, None))
     assert fr.encode_frame(no_otk) == (
-        '{"v":1,"type":"knock","from":"' + A + '","to":"' + B + '","id":"' + FID + '","ts":"'
-        + TS + '","intent":{"action":"establish_session"},"establishment":{"ik":"' + b64(IK)
-        + '","ek":"' + b64(EK) + '"}}'
+        '{"v":1,"type":"knock","from":"'
+        + A
+        + '","to":"'
+        + B
+        + '","id":"'
+        + FID
+        + '","ts":"'
+        + TS
+        + '","intent":{"action":"establish_session"},"establishment":{"ik":"'
+        + b64(IK)
+        + '","ek":"'
+        + b64(EK)
+        + '"}}'
     )
     bare = fr.knock_frame(A, B, FID, TS, None)
     assert fr.encode_frame(bare) == (
-        '{"v":1,"type":"knock","from":"' + A + '","to":"' + B + '","id":"' + FID + '","ts":"'
-        + TS + '","intent":{"action":"establish_session"}}'
+        '{"v":1,"type":"knock","from":"'
+        + A
+        + '","to":"'
+        + B
+        + '","id":"'
+        + FID
+        + '","ts":"'
+        + TS
+        + '","intent":{"action":"establish_session"}}'
     )
     # the module-level intent is not shared with (or mutated through) built frames
     bare["intent"]["action"] = "changed"
@@ -118,12 +152,26 @@ def test_knock_frames() -> None:
 
 def test_knock_reply_frames() -> None:
     assert fr.encode_frame(fr.knock_accept_frame(B, A, FID, "k-1", TS)) == (
-        '{"v":1,"type":"knock_accept","from":"' + B + '","to":"' + A + '","id":"' + FID
-        + '","knock_id":"k-1","ts":"' + TS + '"}'
+        '{"v":1,"type":"knock_accept","from":"'
+        + B
+        + '","to":"'
+        + A
+        + '","id":"'
+        + FID
+        + '","knock_id":"k-1","ts":"'
+        + TS
+        + '"}'
     )
     assert fr.encode_frame(fr.knock_reject_frame(B, A, FID, "k-1", TS)) == (
-        '{"v":1,"type":"knock_reject","from":"' + B + '","to":"' + A + '","id":"' + FID
-        + '","knock_id":"k-1","reason":"policy_denied","ts":"' + TS + '"}'
+        '{"v":1,"type":"knock_reject","from":"'
+        + B
+        + '","to":"'
+        + A
+        + '","id":"'
+        + FID
+        + '","knock_id":"k-1","reason":"policy_denied","ts":"'
+        + TS
+        + '"}'
     )
 
 
@@ -131,9 +179,19 @@ def test_message_frame() -> None:
     header = DH + (3).to_bytes(4, "big") + (0xFFFFFFFF).to_bytes(4, "big")
     blob = bytes(range(50))
     assert fr.encode_frame(fr.message_frame(A, B, FID, TS, header, blob)) == (
-        '{"v":1,"type":"message","from":"' + A + '","to":"' + B + '","id":"' + FID + '","ts":"'
-        + TS + '","header":{"dh":"' + b64(DH) + '","pn":3,"n":4294967295},"ciphertext":"'
-        + b64(blob) + '"}'
+        '{"v":1,"type":"message","from":"'
+        + A
+        + '","to":"'
+        + B
+        + '","id":"'
+        + FID
+        + '","ts":"'
+        + TS
+        + '","header":{"dh":"'
+        + b64(DH)
+        + '","pn":3,"n":4294967295},"ciphertext":"'
+        + b64(blob)
+        + '"}'
     )
 
 
@@ -142,8 +200,17 @@ def test_plaintext_message_frame_latin1() -> None:
     frame = fr.plaintext_message_frame(A, B, FID, TS, payload)
     json_text = '{"text":"café ÿ","n":1}'
     assert fr.encode_frame(frame) == (
-        '{"v":1,"type":"message","from":"' + A + '","to":"' + B + '","id":"' + FID + '","ts":"'
-        + TS + '","ciphertext":"' + b64(json_text.encode("latin-1")) + '","plaintext":true}'
+        '{"v":1,"type":"message","from":"'
+        + A
+        + '","to":"'
+        + B
+        + '","id":"'
+        + FID
+        + '","ts":"'
+        + TS
+        + '","ciphertext":"'
+        + b64(json_text.encode("latin-1"))
+        + '","plaintext":true}'
     )
     assert base64.b64decode(frame["ciphertext"]) == b'{"text":"caf\xe9 \xff","n":1}'
     parsed = roundtrip(frame)
@@ -367,7 +434,7 @@ def test_message_frame_missing_or_ill_typed(overrides: dict[str, Any]) -> None:
 )
 def test_header_counter_must_be_u32(field: str, value: Any) -> None:
     header = {"dh": b64(DH), "pn": 0, "n": 0, field: value}
-    with pytest.raises(MeshProtocolError, match="0..2"):
+    with pytest.raises(MeshProtocolError, match=r"0\.\.2"):
         roundtrip(message(header=header))
 
 
@@ -480,3 +547,12 @@ def test_connect_parse_ignores_non_string_key_fields() -> None:
 )
 def test_iso_timestamp(epoch: float, expected: str) -> None:
     assert fr.iso_timestamp(epoch) == expected
+
+
+def test_ack_for_a_hostile_id_is_sendable() -> None:
+    """A frame id with an escaped lone surrogate parses fine; the ack we build for it must
+    still be valid UTF-8 text (the WebSocket send encodes it)."""
+    parsed = parse_text('{"type":"message","from":"x","id":"\\ud800","ciphertext":""}')
+    assert isinstance(parsed, fr.MessageFrame) and parsed.id == "\ud800"
+    text = fr.encode_frame(fr.ack_frame(parsed.id))
+    assert json.loads(text.encode("utf-8")) == {"v": 1, "type": "ack", "id": "\ud800"}

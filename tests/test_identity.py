@@ -259,6 +259,26 @@ def test_force_replaces_atomically_with_0600(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["id.json"]
 
 
+def test_force_on_a_new_path(tmp_path: Path) -> None:
+    path = tmp_path / "new.json"
+    save_identity(path, identity("alice"), force=True)
+    assert _mode(path) == 0o600
+    assert load_identity(path) == identity("alice")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.json"]
+
+
+def test_force_save_survives_a_stale_temp_file(tmp_path: Path) -> None:
+    """A crash between creating the temporary file and renaming it leaves the temp file
+    behind.  Its name depends only on the PID, which is often the same on the next run
+    (PID 1 in a container), so a later ``force=True`` save must still succeed."""
+    path = tmp_path / "id.json"
+    save_identity(path, identity("alice"))
+    stale = tmp_path / f".id.json.tmp-{os.getpid()}"
+    stale.write_text("left over by a crash")
+    save_identity(path, identity("bob"), force=True)
+    assert load_identity(path) == identity("bob")
+
+
 def test_save_refuses_through_a_symlink(tmp_path: Path) -> None:
     target = tmp_path / "target"
     target.write_text("keep me")

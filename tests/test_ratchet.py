@@ -496,7 +496,10 @@ def test_continuing_after_restore_is_identical() -> None:
     msgs = _send(p.alice, rng, 5, "a")
     for m in (msgs[3], msgs[0]):
         p.bob.decrypt(*m, rng)
-    copies = (DoubleRatchet.from_bytes(p.alice.to_bytes()), DoubleRatchet.from_bytes(p.bob.to_bytes()))
+    copies = (
+        DoubleRatchet.from_bytes(p.alice.to_bytes()),
+        DoubleRatchet.from_bytes(p.bob.to_bytes()),
+    )
     outputs: list[list[bytes]] = []
     for alice, bob in ((p.alice, p.bob), copies):
         r = Drbg("continue/after")
@@ -536,6 +539,9 @@ def _state_with_skipped() -> DoubleRatchet:
         b"\xc1",
         b"garbage that is not msgpack at all",
         b"\xdd\xff\xff\xff\xff",  # array32 claiming 4 billion items
+        b"\xdf\xff\xff\xff\xff",  # map32 claiming 4 billion items
+        b"\xc6\xff\xff\xff\xff",  # bin32 claiming 4 GiB
+        b"\x91" * 100_000 + b"\x00",  # nested 100000 deep
         b"\x93\x01\x02",  # array of 3 with only 2 items
         bytes(range(256)),
     ],
@@ -679,7 +685,9 @@ def _hmac(key: bytes, msg: bytes) -> bytes:
 
 
 def _dh(priv: bytes, pub: bytes) -> bytes:
-    return X25519PrivateKey.from_private_bytes(priv).exchange(X25519PublicKey.from_public_bytes(pub))
+    return X25519PrivateKey.from_private_bytes(priv).exchange(
+        X25519PublicKey.from_public_bytes(pub)
+    )
 
 
 def _pub(priv: bytes) -> bytes:
@@ -719,7 +727,7 @@ def test_independent_implementation_decrypts_our_messages() -> None:
     for i in range(3):
         msgs.append(p.alice.encrypt(f"hello {i}".encode(), rng))
         assert msgs[-1][1][:12] == rng.log[-1]  # the nonce is the 12-byte draw
-    for i, (header, blob) in enumerate(msgs):
+    for i, (header, _blob) in enumerate(msgs):
         assert header == _pub(alice_ratchet_priv) + struct.pack(">II", 0, i)
     okm = _hkdf(p.shared_secret, _dh(p.bob_spk_private, msgs[0][0][:32]), info, 64)
     rk1, ckr_bob = okm[:32], okm[32:]

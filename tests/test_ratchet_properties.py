@@ -17,9 +17,7 @@ from agt_mesh.errors import (
     TooManySkippedError,
 )
 
-FAST = settings(
-    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 Msg = tuple[bytes, bytes]
 
@@ -111,7 +109,7 @@ def compile_script(script: Script) -> Plan:
 
 
 def plaintext(msg: int) -> bytes:
-    return f"message {msg} " .encode() + bytes([msg % 256]) * (msg % 7)
+    return f"message {msg} ".encode() + bytes([msg % 256]) * (msg % 7)
 
 
 @dataclass

@@ -7,12 +7,13 @@ import re
 from typing import Any
 
 import pytest
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from helpers import Drbg, identity
 
 from agt_mesh.core import registry_codec as rc
 from agt_mesh.core.x3dh import PreKeyBundle, PreKeyStore, initiate
-from agt_mesh.errors import MeshRegistryError
+from agt_mesh.errors import BundleVerificationError, MeshRegistryError
 
 TS = "2026-01-01T00:00:00.000Z"
 B64URL_NOPAD = re.compile(r"^[A-Za-z0-9_-]*$")
@@ -51,7 +52,7 @@ def test_register_body_pop() -> None:
     proof = unb64url(body["proof"])
     # the proof covers the transmitted *text* of the key followed by the timestamp
     verify(ident.ed25519_public, proof, (body["public_key"] + TS).encode("utf-8"))
-    with pytest.raises(Exception):  # noqa: B017 - any InvalidSignature
+    with pytest.raises(InvalidSignature):
         verify(ident.ed25519_public, proof, ident.ed25519_public + TS.encode())
 
 
@@ -162,9 +163,7 @@ def _body(otk: bool = True) -> dict[str, Any]:
             "public_key": _b64url(spk.public),
             "signature": _b64url(spk.signature),
         },
-        "one_time_pre_key": {"key_id": o.key_id, "public_key": _b64url(o.public)}
-        if otk
-        else None,
+        "one_time_pre_key": {"key_id": o.key_id, "public_key": _b64url(o.public)} if otk else None,
     }
 
 
@@ -267,5 +266,5 @@ def test_parse_bundle_leaves_size_checks_to_verify() -> None:
     body["signed_pre_key"]["signature"] = _b64url(b"\x00" * 63)
     bundle = rc.parse_bundle(body)
     assert isinstance(bundle, PreKeyBundle)
-    with pytest.raises(Exception, match="signature length"):
+    with pytest.raises(BundleVerificationError, match="signature length"):
         bundle.verify()

@@ -149,7 +149,9 @@ def test_profiles_give_different_secrets(use_otk: bool) -> None:
 
 
 def _x(priv: bytes, pub: bytes) -> bytes:
-    return X25519PrivateKey.from_private_bytes(priv).exchange(X25519PublicKey.from_public_bytes(pub))
+    return X25519PrivateKey.from_private_bytes(priv).exchange(
+        X25519PublicKey.from_public_bytes(pub)
+    )
 
 
 def _x_pub(priv: bytes) -> bytes:
@@ -213,7 +215,12 @@ def test_one_time_pre_key_consumed_once() -> None:
     with pytest.raises(PreKeyNotFoundError, match="not found or already consumed"):
         store.public_bundle(2)
     with pytest.raises(PreKeyNotFoundError, match="One-time pre-key 99 not found"):
-        respond(store, Establishment(identity("alice").x25519_public, init.establishment.ephemeral_public_key, 99))
+        respond(
+            store,
+            Establishment(
+                identity("alice").x25519_public, init.establishment.ephemeral_public_key, 99
+            ),
+        )
 
 
 def test_key_ids_count_from_zero() -> None:
@@ -314,9 +321,7 @@ def test_bundle_tampered_signed_pre_key() -> None:
 def test_bundle_signed_by_another_key() -> None:
     good = _good_bundle()
     mallory = identity("mallory")
-    resigned = dataclasses.replace(
-        good, signed_pre_key_signature=mallory.sign(good.signed_pre_key)
-    )
+    resigned = dataclasses.replace(good, signed_pre_key_signature=mallory.sign(good.signed_pre_key))
     with pytest.raises(BundleVerificationError, match="verification FAILED"):
         resigned.verify()
     # ... and a bundle claiming mallory's Ed25519 key with bob's signature fails too.
@@ -346,10 +351,10 @@ def test_low_order_key_in_establishment_restores_otk(point: bytes, where: str) -
     store = _bob_store(rng)
     init = initiate(identity("alice"), store.public_bundle(1), rng)
     est = init.establishment
-    bad = dataclasses.replace(
-        est,
-        **{"initiator_identity_key" if where == "ik" else "ephemeral_public_key": point},
-    )
+    if where == "ik":
+        bad = dataclasses.replace(est, initiator_identity_key=point)
+    else:
+        bad = dataclasses.replace(est, ephemeral_public_key=point)
     with pytest.raises(BundleVerificationError, match="invalid key in establishment"):
         respond(store, bad)
     assert store.has_one_time_pre_key(1)

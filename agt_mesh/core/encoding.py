@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from typing import Any
 
 __all__ = [
@@ -60,6 +61,23 @@ def b64_decode(text: str) -> bytes:
 b64url_decode = b64_decode
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def compact_json(value: Any) -> str:
-    """``JSON.stringify`` equivalent: no spaces, non-ASCII left as is."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    """``JSON.stringify`` equivalent: no spaces, non-ASCII left as is.
+
+    Lone surrogates (which JSON text may carry as ``\\udXXX`` escapes) are written
+    escaped, as ``JSON.stringify`` does, so the result is always encodable as UTF-8.
+
+    Raises:
+        ValueError: for NaN or infinite numbers (not JSON; the TypeScript peer's
+            ``JSON.parse`` would reject them) and other non-JSON values.
+    """
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return text

@@ -234,8 +234,10 @@ class DoubleRatchet:
         cks = self.cks
         if cks is None:
             raise MeshProtocolError("Send chain not initialized. Receive a message first.")
-        mk, next_ck = kdf_chain(cks)
         n = self.ns
+        if n > _U32_MAX or self.pn > _U32_MAX:
+            raise MeshProtocolError("send chain exhausted (2^32 messages): start a new session")
+        mk, next_ck = kdf_chain(cks)
         header = self.dhs_pub + _pack_counters(self.pn, n)
         nonce = random(AEAD_NONCE_LEN)
         blob = nonce + aead_encrypt(mk, nonce, plaintext, self.ad + header)

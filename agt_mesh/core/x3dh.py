@@ -278,6 +278,17 @@ class PreKeyStore:
     def has_one_time_pre_key(self, key_id: int) -> bool:
         return key_id in self._otks
 
+    def peek_one_time_pre_key(self, key_id: int) -> OneTimePreKey:
+        """A one-time pre-key, without consuming it.
+
+        Raises:
+            PreKeyNotFoundError: if it is unknown or was already consumed.
+        """
+        otk = self._otks.get(key_id)
+        if otk is None:
+            raise PreKeyNotFoundError(f"One-time pre-key {key_id} not found or already consumed.")
+        return otk
+
     def take_one_time_pre_key(self, key_id: int) -> OneTimePreKey:
         """Remove and return a one-time pre-key.
 
@@ -380,7 +391,7 @@ def respond(
     if try_retired:
         spks.extend(reversed(prekeys.retired_signed_pre_keys))
     otk_id = establishment.one_time_pre_key_id
-    otk = prekeys.take_one_time_pre_key(otk_id) if otk_id is not None else None
+    otk = prekeys.peek_one_time_pre_key(otk_id) if otk_id is not None else None
     ik_b_priv = prekeys.identity.x25519_private
     out: list[ResponderCandidate] = []
     try:
@@ -390,9 +401,9 @@ def respond(
             dh = x25519(spk.private, ik_a) + dh2 + x25519(spk.private, ek) + dh4
             out.extend(ResponderCandidate(p, x3dh_kdf(dh, p), spk) for p in profiles)
     except ValueError as exc:
-        if otk is not None:
-            prekeys.add_one_time_pre_key(otk)
         raise BundleVerificationError(f"invalid key in establishment: {exc}") from None
+    if otk_id is not None:
+        prekeys.take_one_time_pre_key(otk_id)  # consumed only once everything succeeded
     return out
 
 

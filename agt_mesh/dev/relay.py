@@ -680,7 +680,9 @@ class DevRelay:
             ping_interval=self._ping_interval,
             ping_timeout=self._ping_timeout,
         )
-        self._port = int(self._server.sockets[0].getsockname()[1])
+        # ``sockets`` is typed Iterable in websockets 13 and a tuple later: iterate it.
+        first = next(iter(self._server.sockets))
+        self._port = int(first.getsockname()[1])
         logger.info("development relay listening on %s (ws: %s)", self.url, self.ws_url)
         return self.url
 
@@ -900,8 +902,12 @@ class DevRelay:
         self.state.detach(conn.did, conn)
         if conn.writer is not None:
             conn.writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await conn.writer
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # a writer bug must not lose the frames still queued
+                logger.exception("writer for %s failed", conn.did)
         # Live frames that were not (known to be) written go to the replacement session
         # or into the store; an interrupted write may mean a duplicate, never a loss.
         unsent = [*conn.inflight, *conn.outbox]

@@ -7,10 +7,12 @@ group or others can read or write, as OpenSSH does for private keys.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from agt_mesh.core.identity import Identity
@@ -76,7 +78,6 @@ def save_identity(
     p = Path(path)
     when = (created_at or _dt.datetime.now(_dt.UTC)).isoformat().replace("+00:00", "Z")
     data = (json.dumps(identity.to_file_dict(created_at=when), indent=2) + "\n").encode()
-    target = p if not force else p.with_name(f".{p.name}.tmp-{os.getpid()}")
     flags = (
         os.O_WRONLY
         | os.O_CREAT
@@ -84,8 +85,13 @@ def save_identity(
         | getattr(os, "O_NOFOLLOW", 0)
         | getattr(os, "O_CLOEXEC", 0)
     )
+    target = p
     try:
-        fd = os.open(target, flags, 0o600)
+        if force:  # a fresh, unpredictable 0600 name, renamed over the target at the end
+            fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+            target = Path(tmp)
+        else:
+            fd = os.open(target, flags, 0o600)
     except FileExistsError:
         raise IdentityFileError(
             f"{target} already exists; refusing to overwrite an identity "
@@ -106,4 +112,10 @@ def save_identity(
     os.close(fd)
     if target != p:
         os.replace(target, p)
+        with contextlib.suppress(OSError):  # make the rename itself durable
+            dfd = os.open(p.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
     return p

@@ -188,6 +188,16 @@ def _detail(response: httpx.Response) -> str:
     return response.reason_phrase or "no detail"
 
 
+def _encode_json(body: Any) -> bytes:
+    """Compact UTF-8 JSON like ``JSON.stringify``: non-ASCII as is, lone surrogates escaped."""
+    try:
+        text = json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return text.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate cannot be UTF-8; JSON.stringify writes it as a \uXXXX escape.
+        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
+
 def _retry_after(response: httpx.Response, detail: str) -> float | None:
     header = response.headers.get("retry-after")
     if header:
@@ -421,9 +431,7 @@ class RegistryClient:
                 level or timed out.
         """
         url = self._base_url + path
-        content: bytes | None = None
-        if body is not None:
-            content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        content = None if body is None else _encode_json(body)
         attempts = self._retries + 1
         reason = ""
         for attempt in range(attempts):

@@ -1,0 +1,185 @@
+"""Run the development relay and registry together (``agt-mesh relay``).
+
+* :class:`DevMesh` — both servers on free loopback ports, as an async context manager
+  (handy in tests and notebooks).
+* :func:`serve` — both servers on fixed ports until cancelled, printing their URLs.
+* :func:`main` — the command-line entry point (logs to stderr, URLs on stdout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, TextIO
+
+from agt_mesh.dev.registry import DevRegistry
+from agt_mesh.dev.relay import DEFAULT_IDLE_TIMEOUT, DevRelay
+
+__all__ = ["DEFAULT_REGISTRY_PORT", "DEFAULT_RELAY_PORT", "DevMesh", "main", "serve"]
+
+#: The AGT servers' default ports.
+DEFAULT_RELAY_PORT = 8083
+DEFAULT_REGISTRY_PORT = 8082
+
+#: Options that go to :class:`DevRegistry`; every other option goes to :class:`DevRelay`.
+_REGISTRY_OPTIONS = frozenset({
+    "allow_legacy", "heartbeat_interval", "max_body_bytes", "max_header_bytes",
+    "keep_alive_timeout", "request_timeout",
+})
+
+logger = logging.getLogger("agt_mesh.dev")
+
+
+class DevMesh:
+    """A development relay and registry: ``async with DevMesh() as mesh: mesh.relay.url``.
+
+    ``relay_port``/``registry_port`` default to 0 (free ports).  Keyword options are
+    passed to :class:`DevRegistry` (``allow_legacy``, ``heartbeat_interval``,
+    ``max_body_bytes``, ``max_header_bytes``, ``keep_alive_timeout``,
+    ``request_timeout``) or else to :class:`DevRelay`.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        *,
+        relay_port: int = 0,
+        registry_port: int = 0,
+        **opts: Any,
+    ) -> None:
+        registry_opts = {k: v for k, v in opts.items() if k in _REGISTRY_OPTIONS}
+        relay_opts = {k: v for k, v in opts.items() if k not in _REGISTRY_OPTIONS}
+        self.relay = DevRelay(host, relay_port, **relay_opts)
+        self.registry = DevRegistry(host, registry_port, **registry_opts)
+
+    @property
+    def relay_url(self) -> str:
+        return self.relay.url
+
+    @property
+    def registry_url(self) -> str:
+        return self.registry.url
+
+    async def start(self) -> None:
+        await self.registry.start()
+        try:
+            await self.relay.start()
+        except BaseException:
+            await self.registry.stop()
+            raise
+
+    async def stop(self) -> None:
+        try:
+            await self.relay.stop()
+        finally:
+            await self.registry.stop()
+
+    async def __aenter__(self) -> DevMesh:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def serve(
+    host: str = "127.0.0.1",
+    relay_port: int = DEFAULT_RELAY_PORT,
+    registry_port: int = DEFAULT_REGISTRY_PORT,
+    *,
+    out: TextIO | None = None,
+    **opts: Any,
+) -> None:
+    """Run the relay and the registry until cancelled; print their URLs to ``out`` (stdout).
+
+    The output is two lines, ``relay: http://HOST:PORT`` and ``registry: http://HOST:PORT``
+    (the relay's WebSocket endpoint is the relay URL with ``ws`` and ``/ws``).
+    """
+    stream = out if out is not None else sys.stdout
+    async with DevMesh(host, relay_port=relay_port, registry_port=registry_port, **opts) as mesh:
+        print(f"relay: {mesh.relay_url}", file=stream)
+        print(f"registry: {mesh.registry_url}", file=stream, flush=True)
+        await asyncio.Event().wait()
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agt-mesh relay",
+        description="Run a development AgentMesh relay and registry (not for production).",
+    )
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface to bind (default %(default)s)")
+    parser.add_argument("--relay-port", type=int, default=DEFAULT_RELAY_PORT,
+                        help="relay port, 0 for a free one (default %(default)s)")
+    parser.add_argument("--registry-port", type=int, default=DEFAULT_REGISTRY_PORT,
+                        help="registry port, 0 for a free one (default %(default)s)")
+    parser.add_argument("--no-pop", action="store_true",
+                        help="accept connect frames without DID proof of possession")
+    parser.add_argument("--token", default=None,
+                        help="shared secret the relay's connect frames must carry")
+    parser.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
+                        help="close relay connections idle this many seconds (default %(default)s)")
+    parser.add_argument("--allow-legacy", action="store_true",
+                        help="let the registry accept pre-POP registrations (platform 3.7.0 style)")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"],
+                        help="stderr log level (default %(default)s)")
+    return parser
+
+
+async def _run(args: argparse.Namespace) -> None:
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    if task is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await serve(
+            args.host,
+            args.relay_port,
+            args.registry_port,
+            require_pop=not args.no_pop,
+            token=args.token,
+            idle_timeout=args.idle_timeout,
+            allow_legacy=args.allow_legacy,
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``agt-mesh relay``: run both servers until Ctrl-C or SIGTERM; return the exit status."""
+    args = _build_parser().parse_args(argv)
+    if args.idle_timeout <= 0:
+        print("agt-mesh relay: --idle-timeout must be positive", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.no_pop:
+        logger.warning("DID proof of possession is OFF: any client can connect as any DID")
+    if args.allow_legacy:
+        logger.warning("legacy registration is ON: legacy agents' records are unauthenticated")
+    try:
+        asyncio.run(_run(args))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"agt-mesh relay: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
