@@ -36,9 +36,7 @@ def run_demo(out: TextIO, *, as_json: bool = False) -> int:
     ad = channel_ad(alice.did, bob.did, alice.x25519_public, bob.x25519_public)
     a = DoubleRatchet.init_sender(init.shared_secret, bundle.signed_pre_key, ad, rng)
     knock = fr.knock_frame(alice.did, bob.did, str(uuid.uuid4()), ts(), init.establishment)
-    transcript.append(
-        {"relay_saw": knock, "note": "alice -> bob KNOCK (X3DH establishment inside)"}
-    )
+    transcript.append({"relay_saw": knock, "note": "alice -> bob KNOCK (X3DH establishment inside)"})
 
     parsed = fr.parse_frame(json.loads(fr.encode_frame(knock)))
     assert isinstance(parsed, fr.KnockFrame) and parsed.establishment is not None
@@ -67,9 +65,7 @@ def run_demo(out: TextIO, *, as_json: bool = False) -> int:
         frame = send(snd, frm, to, payload)
         got = recv(rcv, frame)
         assert got == payload
-        transcript.append(
-            {"relay_saw": frame, "reader": "bob" if to is bob else "alice", "read": got}
-        )
+        transcript.append({"relay_saw": frame, "reader": "bob" if to is bob else "alice", "read": got})
 
     # A duplicate delivery is refused without harming the session.
     dup = transcript[-1]["relay_saw"]

@@ -131,9 +131,7 @@ def _case_identity(case: dict[str, Any], profile: KdfProfile) -> None:
     expect = _get(case, "expect")
     ident = Identity(seed)
     x_priv, x_pub = ed25519_seed_to_x25519(seed)
-    _expect_eq(
-        "ed25519_pub", ident.ed25519_public, _hex(_get(expect, "ed25519_pub"), "expect.ed25519_pub")
-    )
+    _expect_eq("ed25519_pub", ident.ed25519_public, _hex(_get(expect, "ed25519_pub"), "expect.ed25519_pub"))
     _expect_eq("x25519_priv", x_priv, _hex(_get(expect, "x25519_priv"), "expect.x25519_priv"))
     _expect_eq("x25519_pub", x_pub, _hex(_get(expect, "x25519_pub"), "expect.x25519_pub"))
     _expect_eq("did", ident.did, _get(expect, "did"))
@@ -157,14 +155,10 @@ def _case_session(case: dict[str, Any], profile: KdfProfile) -> None:
 
     store = PreKeyStore(bob)
     spk_in = _get(case, "bob_spk")
-    spk = SignedPreKey.create(
-        bob, int(_get(spk_in, "id")), _hex(_get(spk_in, "priv"), "bob_spk.priv", 32)
-    )
+    spk = SignedPreKey.create(bob, int(_get(spk_in, "id")), _hex(_get(spk_in, "priv"), "bob_spk.priv", 32))
     store.add_signed_pre_key(spk)
     _expect_eq("bob_spk_pub", spk.public, _hex(_get(expect, "bob_spk_pub"), "expect.bob_spk_pub"))
-    _expect_eq(
-        "bob_spk_sig", spk.signature, _hex(_get(expect, "bob_spk_sig"), "expect.bob_spk_sig")
-    )
+    _expect_eq("bob_spk_sig", spk.signature, _hex(_get(expect, "bob_spk_sig"), "expect.bob_spk_sig"))
     otk_pubs = []
     for i, item in enumerate(_get(case, "bob_otks") or []):
         priv = _hex(_get(item, "priv"), f"bob_otks[{i}].priv", 32)
@@ -197,9 +191,7 @@ def _case_session(case: dict[str, Any], profile: KdfProfile) -> None:
             ad,
             _Replay([_hex(_get(case, "alice_ratchet_priv"), "alice_ratchet_priv", 32)]),
         ),
-        "bob": DoubleRatchet.init_receiver(
-            candidates[0].shared_secret, spk.private, spk.public, ad
-        ),
+        "bob": DoubleRatchet.init_receiver(candidates[0].shared_secret, spk.private, spk.public, ad),
     }
     events = _get(case, "events")
     if not isinstance(events, list):
@@ -241,9 +233,7 @@ def _case_session(case: dict[str, Any], profile: KdfProfile) -> None:
             except DecryptError as exc:
                 _expect_eq(f"{where} error class", _error_class(exc), ev_expect["error"])
                 return  # nothing after an error event is checked
-            raise Mismatch(
-                f"{where}: decrypted {got[:32]!r} but expected error {ev_expect['error']!r}"
-            )
+            raise Mismatch(f"{where}: decrypted {got[:32]!r} but expected error {ev_expect['error']!r}")
         try:
             got = ratchet.decrypt(header, blob, rng)
         except DecryptError as exc:
@@ -262,20 +252,14 @@ def _frame_from_context(ftype: str, ctx: dict[str, Any]) -> dict[str, Any]:
         seed = ctx.get("ed25519_seed")
         if seed is not None:
             ident = Identity(_hex(seed, "context.ed25519_seed", 32))
-            return fr.connect_frame(
-                _get(ctx, "from"), identity=ident, timestamp=_get(ctx, "timestamp")
-            )
+            return fr.connect_frame(_get(ctx, "from"), identity=ident, timestamp=_get(ctx, "timestamp"))
         return fr.connect_frame(_get(ctx, "from"))
     if ftype == "fetch_pending":
         return fr.fetch_pending_frame(_get(ctx, "from"))
     if ftype == "knock":
         otk = ctx.get("otk")
-        est = Establishment(
-            _hex(_get(ctx, "ik"), "context.ik", 32), _hex(_get(ctx, "ek"), "context.ek", 32), otk
-        )
-        return fr.knock_frame(
-            _get(ctx, "from"), _get(ctx, "to"), _get(ctx, "id"), _get(ctx, "ts"), est
-        )
+        est = Establishment(_hex(_get(ctx, "ik"), "context.ik", 32), _hex(_get(ctx, "ek"), "context.ek", 32), otk)
+        return fr.knock_frame(_get(ctx, "from"), _get(ctx, "to"), _get(ctx, "id"), _get(ctx, "ts"), est)
     if ftype == "message":
         return fr.message_frame(
             _get(ctx, "from"),
@@ -353,9 +337,7 @@ def _check_parsed(ftype: str, parsed: Any, ctx: dict[str, Any]) -> None:
         ident = Identity(_hex(ctx["ed25519_seed"], "ed25519_seed", 32))
         _expect_eq("decoded public_key", parsed.public_key, ident.ed25519_public)
         _expect_eq("decoded timestamp", parsed.timestamp, ctx["timestamp"])
-        if parsed.signature is None or not ident.verify(
-            parsed.signature, ctx["timestamp"].encode()
-        ):
+        if parsed.signature is None or not ident.verify(parsed.signature, ctx["timestamp"].encode()):
             raise Mismatch("connect signature does not verify")
 
 
@@ -390,9 +372,7 @@ def _case_registry(case: dict[str, Any], profile: KdfProfile) -> None:
     elif method == "PUT":
         _expect_eq("path", path, rc.prekeys_path(did))
         spk_in = _get(ctx, "spk")
-        spk = SignedPreKey.create(
-            ident, int(_get(spk_in, "id")), _hex(_get(spk_in, "priv"), "spk.priv", 32)
-        )
+        spk = SignedPreKey.create(ident, int(_get(spk_in, "id")), _hex(_get(spk_in, "priv"), "spk.priv", 32))
         otks = []
         for i, item in enumerate(_get(ctx, "otks")):
             priv = _hex(_get(item, "priv"), f"otks[{i}].priv", 32)
@@ -423,9 +403,7 @@ def verify_document(doc: Any, *, file: str = "<vectors>") -> list[CaseResult]:
         return [CaseResult(file, "<file>", False, f"not an {FORMAT} document")]
     kdf = doc.get("x3dh_kdf")
     if kdf not in ("legacy", "spec"):
-        return [
-            CaseResult(file, "<file>", False, f"x3dh_kdf must be 'legacy' or 'spec', got {kdf!r}")
-        ]
+        return [CaseResult(file, "<file>", False, f"x3dh_kdf must be 'legacy' or 'spec', got {kdf!r}")]
     profile = KdfProfile(kdf)
     cases = doc.get("cases")
     if not isinstance(cases, list) or not cases:

@@ -37,8 +37,17 @@ MEMORY_TARGET = 1024
 
 
 def run_ts(rounds: int, seconds: float, rows: list[str]) -> dict[str, Any]:
-    cmd = ["node", "--expose-gc", str(HERE / "ts_bench.js"), "--rounds", str(rounds),
-           "--seconds", str(seconds), "--rows", ",".join([*rows, "memory"])]
+    cmd = [
+        "node",
+        "--expose-gc",
+        str(HERE / "ts_bench.js"),
+        "--rounds",
+        str(rounds),
+        "--seconds",
+        str(seconds),
+        "--rows",
+        ",".join([*rows, "memory"]),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=HERE.parent)
     return json.loads(proc.stdout)  # type: ignore[no-any-return]
 
@@ -63,13 +72,23 @@ def main(argv: list[str] | None = None) -> int:
         sdk = statistics.median(py["sdk"][row])
         floor = statistics.median(py["floor"][row])
         ts_ops = statistics.median(ts["rounds"][row])
-        table.append({
-            "row": row, "sdk_ops": sdk, "floor_ops": floor, "ts_ops": ts_ops,
-            "x_ts": sdk / ts_ops, "x_floor": floor / sdk,
-        })
+        table.append(
+            {
+                "row": row,
+                "sdk_ops": sdk,
+                "floor_ops": floor,
+                "ts_ops": ts_ops,
+                "x_ts": sdk / ts_ops,
+                "x_floor": floor / sdk,
+            }
+        )
     result = {
-        "python": platform.python_version(), "node": ts.get("node"), "ts_impl": ts.get("impl"),
-        "rounds": args.rounds, "seconds_per_round": args.seconds, "rows": table,
+        "python": platform.python_version(),
+        "node": ts.get("node"),
+        "ts_impl": ts.get("impl"),
+        "rounds": args.rounds,
+        "seconds_per_round": args.seconds,
+        "rows": table,
         "memory_per_session_bytes": {"sdk": mem_py, "ts": ts.get("memory_per_session_bytes")},
         "raw": {"python": py, "ts": ts["rounds"]},
     }
@@ -83,23 +102,30 @@ def main(argv: list[str] | None = None) -> int:
         return ("met" if ok else "MISSED") + f" ({goal})"
 
     if args.markdown:
-        print("| operation | this SDK (ops/s) | TS SDK 4.0.0 (ops/s) | primitive floor (ops/s) "
-              "| × TS | cost vs floor | target |")
+        print(
+            "| operation | this SDK (ops/s) | TS SDK 4.0.0 (ops/s) | primitive floor (ops/s) "
+            "| × TS | cost vs floor | target |"
+        )
         print("|---|---:|---:|---:|---:|---:|---|")
         for r in table:
-            print(f"| {r['row']} | {r['sdk_ops']:,.0f} | {r['ts_ops']:,.0f} | {r['floor_ops']:,.0f} "
-                  f"| {r['x_ts']:.1f}× | {r['x_floor']:.2f}× | {verdict(r['row'], r['x_ts'], r['x_floor'])} |")
+            print(
+                f"| {r['row']} | {r['sdk_ops']:,.0f} | {r['ts_ops']:,.0f} | {r['floor_ops']:,.0f} "
+                f"| {r['x_ts']:.1f}× | {r['x_floor']:.2f}× | {verdict(r['row'], r['x_ts'], r['x_floor'])} |"
+            )
         ts_mem = ts.get("memory_per_session_bytes")
-        print(f"| memory per session endpoint | {mem_py:,.0f} B | {ts_mem:,.0f} B | — | — | — "
-              f"| {'met' if mem_py <= MEMORY_TARGET else 'MISSED'} (<= {MEMORY_TARGET} B) |")
+        print(
+            f"| memory per session endpoint | {mem_py:,.0f} B | {ts_mem:,.0f} B | — | — | — "
+            f"| {'met' if mem_py <= MEMORY_TARGET else 'MISSED'} (<= {MEMORY_TARGET} B) |"
+        )
     else:
         print(f"{'row':16} {'sdk ops/s':>12} {'ts ops/s':>10} {'floor ops/s':>12} {'x TS':>7} {'x floor':>8}")
         for r in table:
-            print(f"{r['row']:16} {r['sdk_ops']:12,.0f} {r['ts_ops']:10,.0f} {r['floor_ops']:12,.0f} "
-                  f"{r['x_ts']:7.1f} {r['x_floor']:8.2f}  {verdict(r['row'], r['x_ts'], r['x_floor'])}")
+            print(
+                f"{r['row']:16} {r['sdk_ops']:12,.0f} {r['ts_ops']:10,.0f} {r['floor_ops']:12,.0f} "
+                f"{r['x_ts']:7.1f} {r['x_floor']:8.2f}  {verdict(r['row'], r['x_ts'], r['x_floor'])}"
+            )
         print(f"memory per session endpoint: sdk {mem_py:,.0f} B, ts {ts.get('memory_per_session_bytes')} B")
-    print(f"(medians of {args.rounds} rounds of {args.seconds}s; Python {result['python']}, "
-          f"Node {result['node']})")
+    print(f"(medians of {args.rounds} rounds of {args.seconds}s; Python {result['python']}, Node {result['node']})")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -95,9 +95,7 @@ def make_pair(
     (cand,) = respond(store, init.establishment, profiles=(profile,))
     assert cand.shared_secret == init.shared_secret
     alice = DoubleRatchet.init_sender(init.shared_secret, bundle.signed_pre_key, ad, rng)
-    bob = DoubleRatchet.init_receiver(
-        cand.shared_secret, cand.signed_pre_key.private, cand.signed_pre_key.public, ad
-    )
+    bob = DoubleRatchet.init_receiver(cand.shared_secret, cand.signed_pre_key.private, cand.signed_pre_key.public, ad)
     return Pair(
         alice,
         bob,

@@ -81,9 +81,7 @@ class ServerPair:
         log = Path(tempfile.mkstemp(prefix=f"agt-{name}-", suffix=".log")[1])
         fh = log.open("wb")
         self._files.append(fh)
-        proc = subprocess.Popen(
-            argv, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, cwd=ROOT
-        )
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, cwd=ROOT)
         self.procs.append(proc)
         self.logs.append(log)
         return proc, log
@@ -92,8 +90,19 @@ class ServerPair:
         if self.kind == "dev":
             rp, gp = free_port(), free_port()
             proc, log = self._spawn(
-                [sys.executable, "-m", "agt_mesh", "relay", "--host", "127.0.0.1",
-                 "--relay-port", str(rp), "--registry-port", str(gp), *self.extra_args],
+                [
+                    sys.executable,
+                    "-m",
+                    "agt_mesh",
+                    "relay",
+                    "--host",
+                    "127.0.0.1",
+                    "--relay-port",
+                    str(rp),
+                    "--registry-port",
+                    str(gp),
+                    *self.extra_args,
+                ],
                 "dev",
             )
             self.relay_url, self.registry_url = f"http://127.0.0.1:{rp}", f"http://127.0.0.1:{gp}"
@@ -104,8 +113,19 @@ class ServerPair:
         for module in ("agentmesh.relay", "agentmesh.registry"):
             port = free_port()
             proc, log = self._spawn(
-                [py, "-W", "ignore", "-m", module, "--host", "127.0.0.1", "--port", str(port),
-                 "--log-level", "warning"],
+                [
+                    py,
+                    "-W",
+                    "ignore",
+                    "-m",
+                    module,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--log-level",
+                    "warning",
+                ],
                 module.split(".")[1],
             )
             url = f"http://127.0.0.1:{port}"
@@ -133,8 +153,19 @@ class ServerPair:
         stop(relay)
         py = str(agt_venvs.ensure(_VENV[self.kind]))
         proc, log = self._spawn(
-            [py, "-W", "ignore", "-m", "agentmesh.relay", "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "warning"],
+            [
+                py,
+                "-W",
+                "ignore",
+                "-m",
+                "agentmesh.relay",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
             "relay",
         )
         self.procs[0] = proc

@@ -57,8 +57,7 @@ def now_ts(offset: float = 0.0) -> str:
 
 
 def pop_connect(ident: Identity, *, ts: str | None = None, token: str | None = None) -> str:
-    return encode_frame(connect_frame(ident.did, identity=ident, timestamp=ts or now_ts(),
-                                      token=token))
+    return encode_frame(connect_frame(ident.did, identity=ident, timestamp=ts or now_ts(), token=token))
 
 
 def msg(sender: str | None, to: str, frame_id: str, ftype: str = "message") -> str:
@@ -111,9 +110,7 @@ async def online(url: str, ident: Identity, **kw: Any) -> ClientConnection:
     return ws
 
 
-async def online_with_pushed(
-    url: str, ident: Identity, **kw: Any
-) -> tuple[ClientConnection, list[dict[str, Any]]]:
+async def online_with_pushed(url: str, ident: Identity, **kw: Any) -> tuple[ClientConnection, list[dict[str, Any]]]:
     ws = await connect(url)
     await ws.send(pop_connect(ident, **kw))
     await ws.send(encode_frame(fetch_pending_frame(ident.did)))
@@ -154,8 +151,11 @@ async def test_pop_connect_is_accepted(relay: DevRelay, alice: Identity) -> None
 
 
 async def test_connect_with_z_and_offset_timestamps(relay: DevRelay, alice: Identity) -> None:
-    for ts in (now_ts(), dt.datetime.now(dt.UTC).isoformat(),
-               dt.datetime.now(dt.timezone(dt.timedelta(hours=5))).isoformat()):
+    for ts in (
+        now_ts(),
+        dt.datetime.now(dt.UTC).isoformat(),
+        dt.datetime.now(dt.timezone(dt.timedelta(hours=5))).isoformat(),
+    ):
         ws = await online(relay.ws_url, alice, ts=ts)
         await ws.close()
 
@@ -172,8 +172,7 @@ async def test_connect_with_z_and_offset_timestamps(relay: DevRelay, alice: Iden
         ("bad_key", "DID proof failed: public_key must be 32 bytes"),
     ],
 )
-async def test_pop_failures_close_4005(relay: DevRelay, alice: Identity, case: str,
-                                       detail: str) -> None:
+async def test_pop_failures_close_4005(relay: DevRelay, alice: Identity, case: str, detail: str) -> None:
     frame = connect_frame(alice.did, identity=alice, timestamp=now_ts())
     if case == "no_pop":
         frame = connect_frame(alice.did)
@@ -187,8 +186,7 @@ async def test_pop_failures_close_4005(relay: DevRelay, alice: Identity, case: s
         naive = dt.datetime.now(dt.UTC).replace(tzinfo=None).isoformat()
         frame = connect_frame(alice.did, identity=alice, timestamp=naive)
     elif case == "bad_sig":
-        frame["signature"] = connect_frame(alice.did, identity=alice,
-                                           timestamp=now_ts(-1))["signature"]
+        frame["signature"] = connect_frame(alice.did, identity=alice, timestamp=now_ts(-1))["signature"]
     elif case == "bad_key":
         frame["public_key"] = "AAAA"
     async with connect(relay.ws_url) as ws:
@@ -256,8 +254,7 @@ async def test_legacy_connect_without_pop(alice: Identity, bob: Identity) -> Non
         await b.close()
 
 
-async def test_session_replace_closes_old_socket_4006(relay: DevRelay, alice: Identity,
-                                                      bob: Identity) -> None:
+async def test_session_replace_closes_old_socket_4006(relay: DevRelay, alice: Identity, bob: Identity) -> None:
     old = await online(relay.ws_url, bob)
     new = await online(relay.ws_url, bob)
     frames, code, reason = await closed_with(old)
@@ -275,8 +272,7 @@ async def test_session_replace_closes_old_socket_4006(relay: DevRelay, alice: Id
 # --------------------------------------------------------------------------------------
 
 
-async def test_live_routing_preserves_order(relay: DevRelay, alice: Identity,
-                                            bob: Identity) -> None:
+async def test_live_routing_preserves_order(relay: DevRelay, alice: Identity, bob: Identity) -> None:
     a = await online(relay.ws_url, alice)
     b = await online(relay.ws_url, bob)
     kinds = ["knock", "message", "knock_accept", "knock_reject", "message"]
@@ -292,8 +288,7 @@ async def test_live_routing_preserves_order(relay: DevRelay, alice: Identity,
     await b.close()
 
 
-async def test_live_frames_are_forwarded_verbatim(relay: DevRelay, alice: Identity,
-                                                  bob: Identity) -> None:
+async def test_live_frames_are_forwarded_verbatim(relay: DevRelay, alice: Identity, bob: Identity) -> None:
     a = await online(relay.ws_url, alice)
     b = await online(relay.ws_url, bob)
     text = msg(alice.did, bob.did, "verbatim").replace('"ts"', '"extra": {"k": [1, 2]}, "ts"')
@@ -304,8 +299,7 @@ async def test_live_frames_are_forwarded_verbatim(relay: DevRelay, alice: Identi
     await b.close()
 
 
-async def test_frames_without_to_or_id_are_ignored(relay: DevRelay, alice: Identity,
-                                                   bob: Identity) -> None:
+async def test_frames_without_to_or_id_are_ignored(relay: DevRelay, alice: Identity, bob: Identity) -> None:
     a = await online(relay.ws_url, alice)
     b = await online(relay.ws_url, bob)
     await a.send(json.dumps({"type": "message", "from": alice.did, "to": bob.did}))
@@ -317,8 +311,7 @@ async def test_frames_without_to_or_id_are_ignored(relay: DevRelay, alice: Ident
     await b.close()
 
 
-async def test_offline_store_push_on_reconnect_and_ack(relay: DevRelay, alice: Identity,
-                                                       bob: Identity) -> None:
+async def test_offline_store_push_on_reconnect_and_ack(relay: DevRelay, alice: Identity, bob: Identity) -> None:
     carol = identity("dev-carol")
     a = await online(relay.ws_url, alice)
     c = await online(relay.ws_url, carol)
@@ -356,8 +349,7 @@ async def test_offline_store_push_on_reconnect_and_ack(relay: DevRelay, alice: I
         await ws.close()
 
 
-async def test_store_dedupes_by_id_per_recipient(relay: DevRelay, alice: Identity,
-                                                 bob: Identity) -> None:
+async def test_store_dedupes_by_id_per_recipient(relay: DevRelay, alice: Identity, bob: Identity) -> None:
     carol = identity("dev-carol")
     a = await online(relay.ws_url, alice)
     for _ in range(3):
@@ -371,8 +363,7 @@ async def test_store_dedupes_by_id_per_recipient(relay: DevRelay, alice: Identit
     await a.close()
 
 
-async def test_live_delivery_is_not_deduplicated(relay: DevRelay, alice: Identity,
-                                                 bob: Identity) -> None:
+async def test_live_delivery_is_not_deduplicated(relay: DevRelay, alice: Identity, bob: Identity) -> None:
     a = await online(relay.ws_url, alice)
     b = await online(relay.ws_url, bob)
     await a.send(msg(alice.did, bob.did, "dup"))
@@ -431,8 +422,7 @@ async def test_relay_frames_and_errors(relay: DevRelay, alice: Identity) -> None
     ("payload", "code"),
     [("{not json", 1007), ("[1, 2]", 1007), (b'{"type":"heartbeat"}', 1003)],
 )
-async def test_garbage_closes_the_connection(relay: DevRelay, alice: Identity,
-                                             payload: str | bytes, code: int) -> None:
+async def test_garbage_closes_the_connection(relay: DevRelay, alice: Identity, payload: str | bytes, code: int) -> None:
     a = await online(relay.ws_url, alice)
     await a.send(payload)
     frames, got, _ = await closed_with(a)
@@ -514,8 +504,7 @@ async def test_reorder_window_reverses_batches(alice: Identity, bob: Identity) -
         await b.close()
 
 
-async def test_unsent_frames_of_a_replaced_session_are_rerouted(alice: Identity,
-                                                                bob: Identity) -> None:
+async def test_unsent_frames_of_a_replaced_session_are_rerouted(alice: Identity, bob: Identity) -> None:
     # A long reorder hold keeps frames queued on bob's first socket when it is replaced.
     async with DevRelay(reorder_window=10, reorder_hold=5.0) as relay:
         a = await online(relay.ws_url, alice)
@@ -535,9 +524,7 @@ async def test_unsent_frames_of_a_replaced_session_are_rerouted(alice: Identity,
         await a.close()
 
 
-async def test_frames_for_a_vanished_peer_are_stored_not_lost(
-    relay: DevRelay, alice: Identity, bob: Identity
-) -> None:
+async def test_frames_for_a_vanished_peer_are_stored_not_lost(relay: DevRelay, alice: Identity, bob: Identity) -> None:
     a = await online(relay.ws_url, alice)
     b = await online(relay.ws_url, bob)
     b.transport.abort()  # no close handshake: the relay learns of it from the socket
@@ -552,8 +539,7 @@ async def test_frames_for_a_vanished_peer_are_stored_not_lost(
 def test_relay_state_ttl_caps_and_staleness() -> None:
     """The sans-I/O state with a fake clock: lazy TTL expiry, byte cap, staleness."""
     clock = [1000.0]
-    state: RelayState[object] = RelayState(ttl=10.0, max_store_bytes=10, stale_after=5.0,
-                                           clock=lambda: clock[0])
+    state: RelayState[object] = RelayState(ttl=10.0, max_store_bytes=10, stale_after=5.0, clock=lambda: clock[0])
     assert state.store("bob", "a", "12345") is StoreResult.STORED
     clock[0] += 6
     assert state.store("bob", "b", "12345") is StoreResult.STORED
@@ -616,9 +602,19 @@ def _free_port() -> int:
 def agt_relay_url(agt_core_python: Path) -> Iterator[str]:
     port = _free_port()
     proc = subprocess.Popen(
-        [str(agt_core_python), "-m", "agentmesh.relay", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(agt_core_python),
+            "-m",
+            "agentmesh.relay",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -655,9 +651,7 @@ CROSS_CASES = {
 
 @pytest.mark.parametrize("case", sorted(CROSS_CASES))
 @pytest.mark.parametrize("server", ["dev", "agt-core-5.0.0"])
-async def test_close_codes_match_the_agt_relay(
-    request: pytest.FixtureRequest, server: str, case: str
-) -> None:
+async def test_close_codes_match_the_agt_relay(request: pytest.FixtureRequest, server: str, case: str) -> None:
     alice = identity("dev-cross")
     frame: dict[str, Any]
     if case == "no_pop":
@@ -685,13 +679,11 @@ async def test_close_codes_match_the_agt_relay(
             await run(relay.ws_url)
     else:
         url: str = request.getfixturevalue("agt_relay_url")
-        await run("ws" + url[len("http"):] + "/ws")
+        await run("ws" + url[len("http") :] + "/ws")
 
 
 @pytest.mark.parametrize("server", ["dev", "agt-core-5.0.0"])
-async def test_pop_connect_and_routing_match_the_agt_relay(
-    request: pytest.FixtureRequest, server: str
-) -> None:
+async def test_pop_connect_and_routing_match_the_agt_relay(request: pytest.FixtureRequest, server: str) -> None:
     """A valid POP connect is accepted and a message is routed live by both relays."""
     alice, bob = identity("dev-cross-a"), identity("dev-cross-b")
 
@@ -710,7 +702,7 @@ async def test_pop_connect_and_routing_match_the_agt_relay(
             await run(relay.ws_url)
     else:
         url: str = request.getfixturevalue("agt_relay_url")
-        await run("ws" + url[len("http"):] + "/ws")
+        await run("ws" + url[len("http") :] + "/ws")
 
 
 # --------------------------------------------------------------------------------------
@@ -739,20 +731,17 @@ def bundle(ident: Identity, otk_ids: list[int]) -> dict[str, Any]:
     return {
         "identity_key": key,
         "identity_key_ed": b64url_encode(ident.ed25519_public),
-        "signed_pre_key": {"key_id": 0, "public_key": key,
-                           "signature": b64url_encode(ident.sign(b"spk"))},
+        "signed_pre_key": {"key_id": 0, "public_key": key, "signature": b64url_encode(ident.sign(b"spk"))},
         "one_time_pre_keys": [{"key_id": i, "public_key": key} for i in otk_ids],
     }
 
 
-async def register(http: httpx.AsyncClient, ident: Identity,
-                   caps: list[str] | None = None) -> httpx.Response:
+async def register(http: httpx.AsyncClient, ident: Identity, caps: list[str] | None = None) -> httpx.Response:
     body = register_body_pop(ident, now_ts(), caps or [], {"display_name": "x"})
     return await http.post("/v1/agents", json=body)
 
 
-async def test_register_pop(http: httpx.AsyncClient, registry: DevRegistry,
-                            alice: Identity) -> None:
+async def test_register_pop(http: httpx.AsyncClient, registry: DevRegistry, alice: Identity) -> None:
     r = await register(http, alice, ["chat"])
     assert (r.status_code, r.json()) == (201, {"did": alice.did, "status": "registered"})
     r = await register(http, alice)
@@ -774,11 +763,9 @@ async def test_register_pop(http: httpx.AsyncClient, registry: DevRegistry,
 
 async def test_register_rejections(http: httpx.AsyncClient, alice: Identity) -> None:
     good = register_body_pop(alice, now_ts(), [], {})
-    r = await http.post("/v1/agents", json={k: v for k, v in good.items()
-                                            if k not in ("proof", "proof_timestamp")})
+    r = await http.post("/v1/agents", json={k: v for k, v in good.items() if k not in ("proof", "proof_timestamp")})
     assert r.status_code == 422
-    assert [e["loc"] for e in r.json()["detail"]] == [["body", "proof"],
-                                                      ["body", "proof_timestamp"]]
+    assert [e["loc"] for e in r.json()["detail"]] == [["body", "proof"], ["body", "proof_timestamp"]]
     bad_sig = dict(good, proof=register_body_pop(alice, now_ts(-5), [], {})["proof"])
     r = await http.post("/v1/agents", json=bad_sig)
     assert (r.status_code, r.json()) == (401, {"detail": "Invalid proof-of-possession"})
@@ -789,8 +776,7 @@ async def test_register_rejections(http: httpx.AsyncClient, alice: Identity) -> 
     assert (r.status_code, r.json()) == (400, {"detail": "public_key must be 32 bytes"})
     r = await http.post("/v1/agents", json=dict(good, capabilities="chat"))
     assert r.status_code == 422
-    r = await http.post("/v1/agents", content=b"{nope",
-                        headers={"content-type": "application/json"})
+    r = await http.post("/v1/agents", content=b"{nope", headers={"content-type": "application/json"})
     assert r.status_code == 422
     # The legacy shape is refused by default (like AGT core 5.0.0).
     legacy = register_body_legacy(alice.did, alice, [], {})
@@ -801,10 +787,8 @@ async def test_register_rejections(http: httpx.AsyncClient, alice: Identity) -> 
 
 
 async def test_legacy_registration_when_allowed(alice: Identity) -> None:
-    async with DevRegistry(allow_legacy=True) as registry, \
-            httpx.AsyncClient(base_url=registry.url) as http:
-        r = await http.post("/v1/agents", json=register_body_legacy("did:mesh:zz", alice,
-                                                                    ["chat"], {}))
+    async with DevRegistry(allow_legacy=True) as registry, httpx.AsyncClient(base_url=registry.url) as http:
+        r = await http.post("/v1/agents", json=register_body_legacy("did:mesh:zz", alice, ["chat"], {}))
         assert (r.status_code, r.json()) == (201, {"did": "did:mesh:zz", "status": "registered"})
         r = await http.post("/v1/agents", json=register_body_legacy("did:mesh:zz", alice, [], {}))
         assert r.status_code == 409
@@ -822,8 +806,9 @@ async def test_legacy_registration_when_allowed(alice: Identity) -> None:
         assert r.status_code == 204
 
 
-async def test_prekey_upload_auth(http: httpx.AsyncClient, registry: DevRegistry,
-                                  alice: Identity, bob: Identity) -> None:
+async def test_prekey_upload_auth(
+    http: httpx.AsyncClient, registry: DevRegistry, alice: Identity, bob: Identity
+) -> None:
     await register(http, alice)
     await register(http, bob)
     path = prekeys_path(alice.did)
@@ -837,14 +822,12 @@ async def test_prekey_upload_auth(http: httpx.AsyncClient, registry: DevRegistry
     assert (r.status_code, r.json()) == (401, {"detail": "Invalid signature"})
     r = await http.put(path, json=bundle(alice, [1, 2]), headers=auth(bob))
     assert (r.status_code, r.json()) == (403, {"detail": "DID mismatch"})
-    r = await http.put(path, json=bundle(alice, [1, 2]),
-                       headers={"authorization": "Bearer x"})
+    r = await http.put(path, json=bundle(alice, [1, 2]), headers={"authorization": "Bearer x"})
     assert r.status_code == 401
     assert registry.otk_count(alice.did) == 0
     r = await http.put(path, json=bundle(alice, [1, 2]), headers=auth(alice))
     assert (r.status_code, r.json()) == (200, {"did": alice.did, "otk_count": 2})
-    r = await http.put(prekeys_path(identity("nobody").did), json=bundle(alice, []),
-                       headers=auth(alice))
+    r = await http.put(prekeys_path(identity("nobody").did), json=bundle(alice, []), headers=auth(alice))
     assert r.status_code == 404
     bad = bundle(alice, [])
     bad["signed_pre_key"] = {"key_id": 0}
@@ -853,8 +836,7 @@ async def test_prekey_upload_auth(http: httpx.AsyncClient, registry: DevRegistry
     assert registry.otk_count(alice.did) == 2
 
 
-async def test_prekey_fetch_pops_otks_fifo(http: httpx.AsyncClient, registry: DevRegistry,
-                                           alice: Identity) -> None:
+async def test_prekey_fetch_pops_otks_fifo(http: httpx.AsyncClient, registry: DevRegistry, alice: Identity) -> None:
     r = await http.get(prekeys_path(alice.did))
     assert (r.status_code, r.json()) == (404, {"detail": "Pre-key bundle not found"})
     await register(http, alice)
@@ -893,15 +875,17 @@ async def test_discover(http: httpx.AsyncClient, alice: Identity, bob: Identity)
     assert (await http.get(discover_path("chat", 1))).json()["total"] == 1
     assert (await http.get(discover_path("search", 200))).json()["total"] == 1
     assert (await http.get(discover_path("cha", 5))).json() == {"results": [], "total": 0}
-    for bad in ("/v1/discover", "/v1/discover?capability=chat&limit=0",
-                "/v1/discover?capability=chat&limit=201",
-                "/v1/discover?capability=chat&limit=x"):
+    for bad in (
+        "/v1/discover",
+        "/v1/discover?capability=chat&limit=0",
+        "/v1/discover?capability=chat&limit=201",
+        "/v1/discover?capability=chat&limit=x",
+    ):
         assert (await http.get(bad)).status_code == 422, bad
 
 
 async def test_presence_and_heartbeat(alice: Identity, bob: Identity) -> None:
-    async with DevRegistry(heartbeat_interval=0.3) as registry, \
-            httpx.AsyncClient(base_url=registry.url) as http:
+    async with DevRegistry(heartbeat_interval=0.3) as registry, httpx.AsyncClient(base_url=registry.url) as http:
         await register(http, alice)
         await register(http, bob)
         r = await http.get(agent_path(alice.did) + "/presence")
@@ -910,21 +894,18 @@ async def test_presence_and_heartbeat(alice: Identity, bob: Identity) -> None:
         assert (await http.get(agent_path("did:mesh:0") + "/presence")).status_code == 404
         hb = agent_path(alice.did) + "/heartbeat"
         r = await http.post(hb)
-        assert (r.status_code, r.json()) == (401, {"detail":
-                                                   "Missing or invalid Authorization header"})
+        assert (r.status_code, r.json()) == (401, {"detail": "Missing or invalid Authorization header"})
         assert (await http.post(hb, headers=auth(bob))).status_code == 403
         r = await http.post(hb, headers=auth(alice))
         assert r.status_code == 200
         assert r.json()["did"] == alice.did
         r = await http.post(hb, headers=auth(alice))
-        assert (r.status_code, r.json()) == (429, {"detail":
-                                                   "Heartbeat throttled; retry after 0.3s"})
+        assert (r.status_code, r.json()) == (429, {"detail": "Heartbeat throttled; retry after 0.3s"})
         await asyncio.sleep(0.35)
         assert (await http.post(hb, headers=auth(alice))).status_code == 200
 
 
-async def test_default_heartbeat_throttle_message(http: httpx.AsyncClient,
-                                                  alice: Identity) -> None:
+async def test_default_heartbeat_throttle_message(http: httpx.AsyncClient, alice: Identity) -> None:
     await register(http, alice)
     hb = agent_path(alice.did) + "/heartbeat"
     assert (await http.post(hb, headers=auth(alice))).status_code == 200
@@ -932,12 +913,10 @@ async def test_default_heartbeat_throttle_message(http: httpx.AsyncClient,
     assert (r.status_code, r.json()) == (429, {"detail": "Heartbeat throttled; retry after 10s"})
 
 
-async def test_keep_alive_and_routing_errors(http: httpx.AsyncClient,
-                                             registry: DevRegistry) -> None:
+async def test_keep_alive_and_routing_errors(http: httpx.AsyncClient, registry: DevRegistry) -> None:
     for _ in range(5):
         r = await http.get("/health")
-        assert r.json() == {"status": "healthy", "service": "agentmesh-registry",
-                            "entra_verify_enabled": False}
+        assert r.json() == {"status": "healthy", "service": "agentmesh-registry", "entra_verify_enabled": False}
     assert (await http.get("/nope")).status_code == 404
     assert (await http.post("/health")).status_code == 405
     assert (await http.get("/v1/agents")).status_code == 405

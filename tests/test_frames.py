@@ -230,18 +230,12 @@ def test_small_frames() -> None:
     assert fr.encode_frame(fr.heartbeat_frame(A, TS)) == (
         '{"v":1,"type":"heartbeat","from":"' + A + '","ts":"' + TS + '"}'
     )
-    assert fr.encode_frame(fr.disconnect_frame(A)) == (
-        '{"v":1,"type":"disconnect","from":"' + A + '"}'
-    )
-    assert fr.encode_frame(fr.fetch_pending_frame(A)) == (
-        '{"v":1,"type":"fetch_pending","from":"' + A + '"}'
-    )
+    assert fr.encode_frame(fr.disconnect_frame(A)) == ('{"v":1,"type":"disconnect","from":"' + A + '"}')
+    assert fr.encode_frame(fr.fetch_pending_frame(A)) == ('{"v":1,"type":"fetch_pending","from":"' + A + '"}')
 
 
 def test_encode_frame_is_compact_and_keeps_non_ascii() -> None:
-    assert fr.encode_frame({"v": 1, "type": "x", "from": "did:é✓"}) == (
-        '{"v":1,"type":"x","from":"did:é✓"}'
-    )
+    assert fr.encode_frame({"v": 1, "type": "x", "from": "did:é✓"}) == ('{"v":1,"type":"x","from":"did:é✓"}')
 
 
 # --------------------------------------------------------------------------------------
@@ -263,9 +257,7 @@ def test_parse_round_trips() -> None:
     assert roundtrip(fr.knock_frame(A, B, FID, TS, None)) == fr.KnockFrame(
         A, B, FID, TS, {"action": "establish_session"}, None, None
     )
-    assert roundtrip(fr.knock_accept_frame(B, A, FID, "k", TS)) == fr.KnockReplyFrame(
-        True, B, A, FID, "k", TS, None
-    )
+    assert roundtrip(fr.knock_accept_frame(B, A, FID, "k", TS)) == fr.KnockReplyFrame(True, B, A, FID, "k", TS, None)
     assert roundtrip(fr.knock_reject_frame(B, A, FID, "k", TS, "busy")) == fr.KnockReplyFrame(
         False, B, A, FID, "k", TS, "busy"
     )
@@ -292,9 +284,7 @@ def test_optional_fields_default() -> None:
     assert isinstance(parsed, fr.KnockReplyFrame) and parsed.reason is None
     # only a literal JSON true sets the plaintext flag
     for flag in ("1", '"true"', "false", "null"):
-        parsed = parse_text(
-            '{"type":"message","from":"x","id":"i","ciphertext":"","plaintext":' + flag + "}"
-        )
+        parsed = parse_text('{"type":"message","from":"x","id":"i","ciphertext":"","plaintext":' + flag + "}")
         assert isinstance(parsed, fr.MessageFrame) and parsed.plaintext_flag is False
 
 
@@ -341,9 +331,7 @@ def test_invalid_base64_rejected(bad: str) -> None:
         roundtrip(message(header={"dh": bad, "pn": 0, "n": 0}))
     with pytest.raises(MeshProtocolError, match="public_key"):
         roundtrip({"type": "connect", "from": A, "public_key": bad})
-    parsed = roundtrip(
-        {"type": "knock", "from": A, "id": FID, "establishment": {"ik": bad, "ek": b64(EK)}}
-    )
+    parsed = roundtrip({"type": "knock", "from": A, "id": FID, "establishment": {"ik": bad, "ek": b64(EK)}})
     assert isinstance(parsed, fr.KnockFrame) and parsed.establishment is None
     assert parsed.establishment_error is not None and "base64" in parsed.establishment_error
 
@@ -429,9 +417,7 @@ def test_message_frame_missing_or_ill_typed(overrides: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("field", ["pn", "n"])
-@pytest.mark.parametrize(
-    "value", [-1, 2**32, 2**32 + 5, 10**30, True, False, 1.0, 0.5, "1", None, [1], {"n": 1}]
-)
+@pytest.mark.parametrize("value", [-1, 2**32, 2**32 + 5, 10**30, True, False, 1.0, 0.5, "1", None, [1], {"n": 1}])
 def test_header_counter_must_be_u32(field: str, value: Any) -> None:
     header = {"dh": b64(DH), "pn": 0, "n": 0, field: value}
     with pytest.raises(MeshProtocolError, match=r"0\.\.2"):

@@ -86,11 +86,7 @@ def test_kat_alice() -> None:
 @given(seed=st.binary(min_size=32, max_size=32))
 def test_conversion_matches_libsodium_and_cryptography(seed: bytes) -> None:
     ident = Identity(seed)
-    ed_pub = (
-        Ed25519PrivateKey.from_private_bytes(seed)
-        .public_key()
-        .public_bytes(Encoding.Raw, PublicFormat.Raw)
-    )
+    ed_pub = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     assert ident.ed25519_public == ed_pub
     assert ident.x25519_private == sodium.crypto_sign_ed25519_sk_to_curve25519(seed + ed_pub)
     assert ident.x25519_public == sodium.crypto_sign_ed25519_pk_to_curve25519(ed_pub)

@@ -53,9 +53,7 @@ def _counters(header: bytes) -> tuple[int, int]:
     return pn, n
 
 
-def _reject(
-    r: DoubleRatchet, msg: Msg, rng: Drbg, exc: type[DecryptError] = DecryptError
-) -> DecryptError:
+def _reject(r: DoubleRatchet, msg: Msg, rng: Drbg, exc: type[DecryptError] = DecryptError) -> DecryptError:
     """Assert that decrypting ``msg`` raises ``exc`` and leaves the state byte-identical."""
     before = r.to_bytes()
     summary = r.summary()
@@ -685,17 +683,11 @@ def _hmac(key: bytes, msg: bytes) -> bytes:
 
 
 def _dh(priv: bytes, pub: bytes) -> bytes:
-    return X25519PrivateKey.from_private_bytes(priv).exchange(
-        X25519PublicKey.from_public_bytes(pub)
-    )
+    return X25519PrivateKey.from_private_bytes(priv).exchange(X25519PublicKey.from_public_bytes(pub))
 
 
 def _pub(priv: bytes) -> bytes:
-    return (
-        X25519PrivateKey.from_private_bytes(priv)
-        .public_key()
-        .public_bytes(Encoding.Raw, PublicFormat.Raw)
-    )
+    return X25519PrivateKey.from_private_bytes(priv).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 def _ref_decrypt(ck: bytes, n: int, header: bytes, blob: bytes, ad: bytes) -> bytes:

@@ -217,9 +217,7 @@ async def test_forcing_the_shape_the_registry_does_not_speak_gives_422(
             await reg.register(["x"], {})
     assert type(info.value) is MeshRegistryError and info.value.status == 422
     if registry.name in (CORE, PLATFORM):
-        assert ("body.proof: Field required" if registry.pop else "body.did: Field required") in (
-            str(info.value)
-        )
+        assert ("body.proof: Field required" if registry.pop else "body.did: Field required") in (str(info.value))
 
 
 async def test_upload_then_fetch_pops_one_time_prekeys_fifo_then_falls_back_to_3dh(
@@ -352,14 +350,10 @@ async def test_upload_prekeys_without_registration_is_a_404_registry_error(
         with pytest.raises(MeshRegistryError) as info:
             await reg.upload_prekeys(store.generate_signed_pre_key(rng), [])
     assert type(info.value) is MeshRegistryError and info.value.status == 404
-    assert me.did in str(info.value) and "call register() before upload_prekeys()" in str(
-        info.value
-    )
+    assert me.did in str(info.value) and "call register() before upload_prekeys()" in str(info.value)
 
 
-async def test_heartbeat_without_registration(
-    registry: Server, new_identity: Callable[[], Identity]
-) -> None:
+async def test_heartbeat_without_registration(registry: Server, new_identity: Callable[[], Identity]) -> None:
     async with client(registry, new_identity()) as reg:
         if registry.pop:
             # AGT 5.0.0 authenticates first: 401 "Agent not registered".
@@ -416,9 +410,7 @@ async def test_core_rejects_a_skewed_clock_and_the_error_says_check_the_clock(
         assert await good.upload_prekeys(spk, []) == 0
 
 
-async def test_platform_ignores_the_auth_header(
-    platform: Server, new_identity: Callable[[], Identity]
-) -> None:
+async def test_platform_ignores_the_auth_header(platform: Server, new_identity: Callable[[], Identity]) -> None:
     me = new_identity()
     spk = PreKeyStore(me).generate_signed_pre_key(Drbg("registry-client/3.7"))
     async with client(platform, me, clock=lambda: time.time() - 3600) as reg:
@@ -771,11 +763,7 @@ async def test_base_url_trailing_slash_and_path_prefix() -> None:
 
 
 async def test_auto_registration_falls_back_to_legacy_on_422_and_remembers_it() -> None:
-    missing_did = {
-        "detail": [
-            {"type": "missing", "loc": ["body", "did"], "msg": "Field required", "input": {}}
-        ]
-    }
+    missing_did = {"detail": [{"type": "missing", "loc": ["body", "did"], "msg": "Field required", "input": {}}]}
     mock = Mock(
         httpx.Response(422, json=missing_did),
         ok({"did": ME.did, "status": "registered"}, 201),
@@ -825,9 +813,7 @@ async def test_pop_registration_adopts_the_did_the_registry_returns() -> None:
         assert (await reg.register([], {})).did == assigned
         assert reg.did == assigned
         await _upload(reg)
-    assert mock.requests[1].url.raw_path.decode() == "/v1/agents/did%3Amesh%3A" + "f" * 32 + (
-        "/prekeys"
-    )
+    assert mock.requests[1].url.raw_path.decode() == "/v1/agents/did%3Amesh%3A" + "f" * 32 + ("/prekeys")
     assert mock.requests[1].headers["authorization"].split(" ")[1] == assigned
 
 
@@ -991,9 +977,7 @@ def test_agent_record() -> None:
     assert record.display_name == "alice" and record.raw == raw and record.raw is not raw
     assert hash(record) == hash(AgentRecord.from_json(raw))
     assert AgentRecord.from_json({"did": "d"}).display_name is None
-    assert (
-        AgentRecord.from_json({"did": "d", "metadata": {"display_name": ""}}).display_name is None
-    )
+    assert AgentRecord.from_json({"did": "d", "metadata": {"display_name": ""}}).display_name is None
     bads: list[Any] = [{"did": "d", "reputation_score": True}, {"did": "d", "last_seen": 5}, []]
     for bad in bads:
         with pytest.raises(MeshRegistryError):

@@ -93,9 +93,7 @@ def test_prekey_upload_body() -> None:
     assert spk_pub == spk.public
     verify(ident.ed25519_public, unb64url(body["signed_pre_key"]["signature"]), spk_pub)
     assert [o["key_id"] for o in body["one_time_pre_keys"]] == [0, 1, 2]
-    assert [unb64url(o["public_key"]) for o in body["one_time_pre_keys"]] == [
-        o.public for o in store.one_time_pre_keys
-    ]
+    assert [unb64url(o["public_key"]) for o in body["one_time_pre_keys"]] == [o.public for o in store.one_time_pre_keys]
     assert all(list(o) == ["key_id", "public_key"] for o in body["one_time_pre_keys"])
 
 
@@ -135,9 +133,7 @@ def test_encode_did_matches_encode_uri_component(text: str, expected: str) -> No
 def test_paths() -> None:
     did = "did:mesh:498aaf869b0fb551d0b8077f1b07e32d"
     assert rc.agent_path(did) == "/v1/agents/did%3Amesh%3A498aaf869b0fb551d0b8077f1b07e32d"
-    assert rc.prekeys_path(did) == (
-        "/v1/agents/did%3Amesh%3A498aaf869b0fb551d0b8077f1b07e32d/prekeys"
-    )
+    assert rc.prekeys_path(did) == ("/v1/agents/did%3Amesh%3A498aaf869b0fb551d0b8077f1b07e32d/prekeys")
     assert rc.discover_path("a b&c", 10) == "/v1/discover?capability=a%20b%26c&limit=10"
 
 
@@ -189,9 +185,7 @@ def test_parse_bundle_without_one_time_pre_key() -> None:
 def test_parse_bundle_accepts_standard_base64_with_padding() -> None:
     body = _body()
     body["identity_key"] = base64.b64encode(unb64url(body["identity_key"])).decode()
-    body["signed_pre_key"]["signature"] = base64.b64encode(
-        unb64url(body["signed_pre_key"]["signature"])
-    ).decode()
+    body["signed_pre_key"]["signature"] = base64.b64encode(unb64url(body["signed_pre_key"]["signature"])).decode()
     assert rc.parse_bundle(body) == rc.parse_bundle(_body())
 
 

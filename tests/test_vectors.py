@@ -29,7 +29,9 @@ def test_there_are_vector_files_from_both_implementations() -> None:
 def test_cli_verifies_committed_file(path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "agt_mesh", "vectors", "verify", str(path)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.strip().splitlines()
@@ -101,7 +103,9 @@ def test_flipped_file_makes_cli_exit_nonzero(tmp_path: Path) -> None:
     bad.write_text(json.dumps(doc))
     proc = subprocess.run(
         [sys.executable, "-m", "agt_mesh", "vectors", "verify", str(bad)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode != 0
     assert f"FAIL {bad}: {session['name']}:" in proc.stdout
@@ -139,22 +143,38 @@ def _without_generator(doc: dict[str, Any]) -> dict[str, Any]:
 
 def test_npm_generator_reproduces_committed_vectors(tmp_path: Path, node_modules: Path) -> None:
     out = tmp_path / "ts.json"
-    subprocess.run(["node", str(ROOT / "vectors" / "generate_ts.js"), "--out", str(out)],
-                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        ["node", str(ROOT / "vectors" / "generate_ts.js"), "--out", str(out)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     committed = json.loads((ROOT / "vectors" / "ts-npm-4.0.0.json").read_text())
     assert _without_generator(json.loads(out.read_text())) == _without_generator(committed)
 
 
 def test_agt_python_generator_reproduces_committed_vectors(tmp_path: Path, agt_core_python: Path) -> None:
     out = tmp_path / "agt.json"
-    subprocess.run([str(agt_core_python), str(ROOT / "vectors" / "generate_agt_python.py"), "--out", str(out)],
-                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [str(agt_core_python), str(ROOT / "vectors" / "generate_agt_python.py"), "--out", str(out)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     committed = json.loads((ROOT / "vectors" / "agt-python-5.0.0.json").read_text())
     assert _without_generator(json.loads(out.read_text())) == _without_generator(committed)
 
 
 def test_independent_checker_agrees() -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "vectors" / "check_independent.py")],
-                          cwd=ROOT, capture_output=True, text=True, check=False, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "vectors" / "check_independent.py")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1].endswith(" 0 failed")

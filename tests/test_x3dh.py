@@ -63,14 +63,8 @@ def _bob_store(rng: Drbg | Recorder, label: str = "bob", otks: int = 3) -> PreKe
 
 def test_kdf_published_kats() -> None:
     dh = bytes(range(96))
-    assert (
-        x3dh_kdf(dh, KdfProfile.SPEC).hex()
-        == "f8682588506e56d9b602f353a83910760692d4939a18b8043305b82f705a5bfa"
-    )
-    assert (
-        x3dh_kdf(dh, KdfProfile.LEGACY).hex()
-        == "4d1a12faac5d3f02cfbf818d22cb0fd421fc4f06705ff05aa90e4e069552e22b"
-    )
+    assert x3dh_kdf(dh, KdfProfile.SPEC).hex() == "f8682588506e56d9b602f353a83910760692d4939a18b8043305b82f705a5bfa"
+    assert x3dh_kdf(dh, KdfProfile.LEGACY).hex() == "4d1a12faac5d3f02cfbf818d22cb0fd421fc4f06705ff05aa90e4e069552e22b"
     assert x3dh_kdf(dh) == x3dh_kdf(dh, KdfProfile.SPEC)
 
 
@@ -149,17 +143,11 @@ def test_profiles_give_different_secrets(use_otk: bool) -> None:
 
 
 def _x(priv: bytes, pub: bytes) -> bytes:
-    return X25519PrivateKey.from_private_bytes(priv).exchange(
-        X25519PublicKey.from_public_bytes(pub)
-    )
+    return X25519PrivateKey.from_private_bytes(priv).exchange(X25519PublicKey.from_public_bytes(pub))
 
 
 def _x_pub(priv: bytes) -> bytes:
-    return (
-        X25519PrivateKey.from_private_bytes(priv)
-        .public_key()
-        .public_bytes(Encoding.Raw, PublicFormat.Raw)
-    )
+    return X25519PrivateKey.from_private_bytes(priv).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 def test_shared_secret_recomputed_independently() -> None:
@@ -189,9 +177,7 @@ def test_shared_secret_recomputed_independently() -> None:
             + _x(ek_priv, _x_pub(otk1_priv))
         )
         if profile is KdfProfile.SPEC:
-            sk = HKDF(hashes.SHA256(), 32, b"\x00" * 32, b"AgentMesh_X3DH_v1").derive(
-                b"\xff" * 32 + dh
-            )
+            sk = HKDF(hashes.SHA256(), 32, b"\x00" * 32, b"AgentMesh_X3DH_v1").derive(b"\xff" * 32 + dh)
         else:
             sk = HKDF(hashes.SHA256(), 32, b"\xff" * 32, b"AgentMesh_X3DH_v1").derive(dh)
         assert init.shared_secret == sk
@@ -217,9 +203,7 @@ def test_one_time_pre_key_consumed_once() -> None:
     with pytest.raises(PreKeyNotFoundError, match="One-time pre-key 99 not found"):
         respond(
             store,
-            Establishment(
-                identity("alice").x25519_public, init.establishment.ephemeral_public_key, 99
-            ),
+            Establishment(identity("alice").x25519_public, init.establishment.ephemeral_public_key, 99),
         )
 
 

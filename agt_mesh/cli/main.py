@@ -66,9 +66,7 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
         help="state directory (env AGT_MESH_HOME, default ~/.agt-mesh)",
     )
     parser.add_argument("--relay", default=d, metavar="URL", help="relay URL (env AGT_RELAY_URL)")
-    parser.add_argument(
-        "--registry", default=d, metavar="URL", help="registry URL (env AGT_REGISTRY_URL)"
-    )
+    parser.add_argument("--registry", default=d, metavar="URL", help="registry URL (env AGT_REGISTRY_URL)")
     parser.add_argument(
         "--profile",
         default=d,
@@ -168,21 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     _global_options(common, top=False)
     parser = _Parser(
         prog="agt-mesh",
-        description="Identities, sessions and debugging for AgentMesh end-to-end encrypted "
-        "messaging.",
-        epilog="Exit codes: 0 ok, 1 usage/user error, 2 unexpected, 3 network/IO, "
-        "4 auth/trust, 5 rate limited.",
+        description="Identities, sessions and debugging for AgentMesh end-to-end encrypted messaging.",
+        epilog="Exit codes: 0 ok, 1 usage/user error, 2 unexpected, 3 network/IO, 4 auth/trust, 5 rate limited.",
     )
     _global_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    def add(
-        group: Any, name: str, func: Callable[[argparse.Namespace], int], help_: str
-    ) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = group.add_parser(
-            name, help=help_, description=help_, parents=[common]
-        )
+    def add(group: Any, name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = group.add_parser(name, help=help_, description=help_, parents=[common])
         p.set_defaults(func=func)
         return p
 

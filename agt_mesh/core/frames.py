@@ -130,9 +130,7 @@ def knock_frame(
     return frame
 
 
-def knock_accept_frame(
-    from_did: str, to_did: str, frame_id: str, knock_id: str, ts: str
-) -> dict[str, Any]:
+def knock_accept_frame(from_did: str, to_did: str, frame_id: str, knock_id: str, ts: str) -> dict[str, Any]:
     return {
         "v": FRAME_VERSION,
         "type": "knock_accept",
@@ -159,9 +157,7 @@ def knock_reject_frame(
     }
 
 
-def message_frame(
-    from_did: str, to_did: str, frame_id: str, ts: str, header: bytes, blob: bytes
-) -> dict[str, Any]:
+def message_frame(from_did: str, to_did: str, frame_id: str, ts: str, header: bytes, blob: bytes) -> dict[str, Any]:
     """An encrypted ``message`` frame from a 40-byte ratchet header and the AEAD blob."""
     pn = int.from_bytes(header[32:36], "big")
     n = int.from_bytes(header[36:40], "big")
@@ -177,9 +173,7 @@ def message_frame(
     }
 
 
-def plaintext_message_frame(
-    from_did: str, to_did: str, frame_id: str, ts: str, payload: Any
-) -> dict[str, Any]:
+def plaintext_message_frame(from_did: str, to_did: str, frame_id: str, ts: str, payload: Any) -> dict[str, Any]:
     """An unencrypted message to an allow-listed plaintext peer (base64 of Latin-1 JSON).
 
     Raises:
@@ -465,9 +459,7 @@ def parse_frame(obj: Any) -> Frame:
             raise MeshProtocolError("pending_messages.messages must be a list")
         return PendingMessagesFrame(tuple(msgs))
     if ftype == "heartbeat":
-        return HeartbeatFrame(
-            _str(obj, "from", limit=_MAX_DID_LEN), _str(obj, "ts", required=False)
-        )
+        return HeartbeatFrame(_str(obj, "from", limit=_MAX_DID_LEN), _str(obj, "ts", required=False))
     if ftype == "disconnect":
         return DisconnectFrame(_str(obj, "from", limit=_MAX_DID_LEN))
     if ftype == "fetch_pending":

@@ -115,9 +115,7 @@ def x25519(private: bytes, public: bytes) -> bytes:
     try:
         return _sodium.crypto_scalarmult(private, public)
     except _SodiumRuntimeError:
-        raise ValueError(
-            "X25519 produced an all-zero shared secret (low-order public key)"
-        ) from None
+        raise ValueError("X25519 produced an all-zero shared secret (low-order public key)") from None
 
 
 def ed25519_signing_key(seed: bytes) -> tuple[bytes, bytes]:

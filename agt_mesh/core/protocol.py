@@ -171,9 +171,7 @@ class MeshProtocol:
         self._dispatch(obj, now, random, step, in_batch=False)
         return step
 
-    def receive_text(
-        self, text: str | bytes, now: float, random: RandomSource, *, max_bytes: int
-    ) -> Step:
+    def receive_text(self, text: str | bytes, now: float, random: RandomSource, *, max_bytes: int) -> Step:
         """Decode and process one frame's text; malformed text becomes an ``ErrorEvent``."""
         try:
             obj = fr.decode_frame(text, max_bytes=max_bytes)
@@ -181,20 +179,12 @@ class MeshProtocol:
             return Step(events=[ErrorEvent("frame", None, f"dropping malformed frame: {exc}")])
         return self.receive(obj, now, random)
 
-    def _dispatch(
-        self, obj: Any, now: float, random: RandomSource, step: Step, *, in_batch: bool
-    ) -> None:
+    def _dispatch(self, obj: Any, now: float, random: RandomSource, step: Step, *, in_batch: bool) -> None:
         try:
             frame = fr.parse_frame(obj)
         except MeshProtocolError as exc:
-            peer = (
-                obj.get("from")
-                if isinstance(obj, dict) and isinstance(obj.get("from"), str)
-                else None
-            )
-            fid = (
-                obj.get("id") if isinstance(obj, dict) and isinstance(obj.get("id"), str) else None
-            )
+            peer = obj.get("from") if isinstance(obj, dict) and isinstance(obj.get("from"), str) else None
+            fid = obj.get("id") if isinstance(obj, dict) and isinstance(obj.get("id"), str) else None
             step.events.append(
                 ErrorEvent(
                     "frame",
@@ -203,11 +193,7 @@ class MeshProtocol:
                     fid,
                 )
             )
-            if (
-                fid is not None
-                and isinstance(obj, dict)
-                and obj.get("type") in ("message", "knock")
-            ):
+            if fid is not None and isinstance(obj, dict) and obj.get("type") in ("message", "knock"):
                 step.acks.append(fid)  # it can never be processed; stop redelivery
             return
         if isinstance(frame, fr.MessageFrame):
@@ -233,9 +219,7 @@ class MeshProtocol:
         peer = f.from_did
         if f.id in self._seen_ids:
             step.acks.append(f.id)
-            step.events.append(
-                ErrorEvent("duplicate", peer, "duplicate message id — dropped", f.id)
-            )
+            step.events.append(ErrorEvent("duplicate", peer, "duplicate message id — dropped", f.id))
             return
         session = self.sessions.get(peer)
         if f.header is None:
@@ -266,9 +250,7 @@ class MeshProtocol:
             payload = json.loads(f.ciphertext.decode("latin-1"))
         except ValueError:
             step.acks.append(f.id)
-            step.events.append(
-                ErrorEvent("decrypt", f.from_did, "plaintext payload is not JSON", f.id)
-            )
+            step.events.append(ErrorEvent("decrypt", f.from_did, "plaintext payload is not JSON", f.id))
             return
         self._remember_id(f.id)
         step.acks.append(f.id)
@@ -305,11 +287,7 @@ class MeshProtocol:
         session.last_activity = now
         self._remember_id(f.id)
         step.acks.append(f.id)
-        if (
-            out.source == "candidate"
-            and session.primary is not None
-            and session.profile is not None
-        ):
+        if out.source == "candidate" and session.primary is not None and session.profile is not None:
             self.peer_profiles[peer] = session.profile
             if out.switched:
                 step.events.append(SessionRekeyed(peer, session.profile.value))
@@ -321,9 +299,7 @@ class MeshProtocol:
         try:
             payload = json.loads(out.plaintext)
         except ValueError:
-            step.events.append(
-                ErrorEvent("decrypt", peer, "decrypted payload is not JSON — dropped", f.id)
-            )
+            step.events.append(ErrorEvent("decrypt", peer, "decrypted payload is not JSON — dropped", f.id))
             return True
         if isinstance(payload, dict) and set(payload) == {CONTROL_KEY}:
             return True  # protocol control (resync proof): not for the application
@@ -344,9 +320,7 @@ class MeshProtocol:
         step.changed.add(peer)
         if session.failures >= self.config.desync_threshold:
             del self.sessions[peer]
-            step.events.append(
-                SessionDesync(peer, f"{session.failures} undecryptable frames in a row ({detail})")
-            )
+            step.events.append(SessionDesync(peer, f"{session.failures} undecryptable frames in a row ({detail})"))
             step.events.append(ErrorEvent("session_desync", peer, detail, f.id))
             if self.config.auto_resync:
                 step.events.append(ResyncNeeded(peer))
@@ -367,8 +341,7 @@ class MeshProtocol:
                     ErrorEvent(
                         "frame",
                         old_peer,
-                        "pre-knock buffer evicted: global peer cap "
-                        f"({cfg.max_buffered_peers}) reached",
+                        f"pre-knock buffer evicted: global peer cap ({cfg.max_buffered_peers}) reached",
                     )
                 )
                 for old, _ in old_queue:
@@ -410,9 +383,7 @@ class MeshProtocol:
                 elif session is not None and peer not in self._pending_knocks:
                     self._decrypt_into(session, f, now, random, step, from_buffer=True)
                 else:
-                    self._give_up(
-                        f, "no session for encrypted message (pre-knock buffer expired)", step
-                    )
+                    self._give_up(f, "no session for encrypted message (pre-knock buffer expired)", step)
             if keep:
                 self._buffer[peer] = keep
             else:
@@ -442,11 +413,7 @@ class MeshProtocol:
         ):
             return  # a replay of the KNOCK that made this session
         if len(self._pending_knocks) >= _MAX_PENDING_KNOCKS:
-            step.events.append(
-                ErrorEvent(
-                    "knock", f.from_did, "too many KNOCKs awaiting a verdict — dropped", f.id
-                )
-            )
+            step.events.append(ErrorEvent("knock", f.from_did, "too many KNOCKs awaiting a verdict — dropped", f.id))
             return
         self._pending_knocks[f.id] = _PendingKnock(f, now + self.config.knock_timeout)
         step.events.append(KnockDecision(f.from_did, f.intent, f.id))
@@ -485,16 +452,10 @@ class MeshProtocol:
             try:
                 self._accept_establishment(f, now, step)
             except (MeshCryptoError, MeshConfigError) as exc:
-                step.events.append(
-                    ErrorEvent(
-                        "knock", peer, f"failed to bootstrap responder from KNOCK: {exc}", f.id
-                    )
-                )
+                step.events.append(ErrorEvent("knock", peer, f"failed to bootstrap responder from KNOCK: {exc}", f.id))
                 accept = False
         if not accept:
-            step.frames.append(
-                fr.knock_reject_frame(self.did, peer, self._new_id(), f.id, ts, "policy_denied")
-            )
+            step.frames.append(fr.knock_reject_frame(self.did, peer, self._new_id(), f.id, ts, "policy_denied"))
             queue = self._buffer.pop(peer, None)
             for bf, _ in queue or ():
                 step.acks.append(bf.id)
@@ -515,15 +476,11 @@ class MeshProtocol:
         if known in profiles:
             profiles.remove(known)
             profiles.insert(0, known)
-        ad = channel_ad(
-            peer, self.did, est.initiator_identity_key, self.prekeys.identity.x25519_public
-        )
+        ad = channel_ad(peer, self.did, est.initiator_identity_key, self.prekeys.identity.x25519_public)
         cands = [
             Candidate(
                 c.profile,
-                DoubleRatchet.init_receiver(
-                    c.shared_secret, c.signed_pre_key.private, c.signed_pre_key.public, ad
-                ),
+                DoubleRatchet.init_receiver(c.shared_secret, c.signed_pre_key.private, c.signed_pre_key.public, ad),
                 est.ephemeral_public_key,
             )
             for c in respond(self.prekeys, est, profiles=tuple(profiles))
@@ -562,19 +519,11 @@ class MeshProtocol:
 
     def profile_for(self, peer: str) -> KdfProfile:
         """The KDF we use when initiating to ``peer``: override, else learned, else default."""
-        return (
-            self.profile_overrides.get(peer)
-            or self.peer_profiles.get(peer)
-            or self.config.initiator_profile
-        )
+        return self.profile_overrides.get(peer) or self.peer_profiles.get(peer) or self.config.initiator_profile
 
     def needs_session(self, peer: str) -> bool:
         """Whether sending to ``peer`` needs :meth:`establish` first (fetch its bundle)."""
-        if (
-            peer in self.plaintext_peers
-            and peer not in self.e2e_verified
-            and peer not in self.sessions
-        ):
+        if peer in self.plaintext_peers and peer not in self.e2e_verified and peer not in self.sessions:
             return False
         return peer not in self.sessions
 
@@ -617,9 +566,7 @@ class MeshProtocol:
         step.frames.append(fr.knock_frame(self.did, peer, self._new_id(), ts, init.establishment))
         step.events.append(SessionEstablished(peer, "initiator", prof.value))
         if resync:
-            step.frames.append(
-                self._encrypt_frame(session, peer, _RESYNC_PAYLOAD, now, random, self._new_id())
-            )
+            step.frames.append(self._encrypt_frame(session, peer, _RESYNC_PAYLOAD, now, random, self._new_id()))
         self._flush_outbox(peer, session, now, random, step)
         return step
 
@@ -650,17 +597,13 @@ class MeshProtocol:
         session = self.sessions.get(peer)
         if session is None:
             if peer in self.plaintext_peers and peer not in self.e2e_verified:
-                step.frames.append(
-                    fr.plaintext_message_frame(self.did, peer, mid, fr.iso_timestamp(now), payload)
-                )
+                step.frames.append(fr.plaintext_message_frame(self.did, peer, mid, fr.iso_timestamp(now), payload))
                 return step, mid
             raise MeshProtocolError(f"No encrypted session with {peer}. Call establish() first.")
         if not session.can_send:
             queue = self._outbox.setdefault(peer, deque())
             if len(queue) >= _MAX_OUTBOX:
-                raise MeshProtocolError(
-                    f"too many messages queued for {peer} (waiting for its first message)"
-                )
+                raise MeshProtocolError(f"too many messages queued for {peer} (waiting for its first message)")
             queue.append((mid, payload))
             return step, mid
         step.frames.append(self._encrypt_frame(session, peer, payload, now, random, mid))
@@ -681,9 +624,7 @@ class MeshProtocol:
         session.last_activity = now
         return fr.message_frame(self.did, peer, mid, fr.iso_timestamp(now), header, blob)
 
-    def _flush_outbox(
-        self, peer: str, session: PeerSession, now: float, random: RandomSource, step: Step
-    ) -> None:
+    def _flush_outbox(self, peer: str, session: PeerSession, now: float, random: RandomSource, step: Step) -> None:
         queue = self._outbox.pop(peer, None)
         while queue:
             mid, payload = queue.popleft()

@@ -260,13 +260,9 @@ class DoubleRatchet:
             MessageAuthError: the AEAD tag did not verify.
         """
         if len(header) != HEADER_LEN:
-            raise MalformedMessageError(
-                f"ratchet header must be {HEADER_LEN} bytes, got {len(header)}"
-            )
+            raise MalformedMessageError(f"ratchet header must be {HEADER_LEN} bytes, got {len(header)}")
         if len(blob) < MIN_BLOB_LEN:
-            raise MalformedMessageError(
-                f"ciphertext too short ({len(blob)} < {MIN_BLOB_LEN} bytes)"
-            )
+            raise MalformedMessageError(f"ciphertext too short ({len(blob)} < {MIN_BLOB_LEN} bytes)")
         dh = header[:32]
         pn, n = _unpack_counters(header, 32)
         aad = self.ad + header
@@ -286,9 +282,7 @@ class DoubleRatchet:
         if dhr is not None and _compare(dh, dhr):
             nr = self.nr
             if n < nr:
-                raise DuplicateMessageError(
-                    f"message {n} of the current chain was already received"
-                )
+                raise DuplicateMessageError(f"message {n} of the current chain was already received")
             if n - nr > max_skip:
                 raise TooManySkippedError(f"Too many skipped messages ({n - nr} > {max_skip})")
             ck = self.ckr
@@ -392,9 +386,7 @@ class DoubleRatchet:
         try:
             obj: Any = msgpack.unpackb(data, raw=False, strict_map_key=True)
         except Exception as exc:  # msgpack raises several unrelated types
-            raise MeshStateError(
-                f"ratchet state is not valid msgpack: {type(exc).__name__}"
-            ) from None
+            raise MeshStateError(f"ratchet state is not valid msgpack: {type(exc).__name__}") from None
         if not isinstance(obj, list) or not obj or not isinstance(obj[0], int):
             raise MeshStateError("ratchet state has an unknown layout")
         if obj[0] != STATE_VERSION:
@@ -412,11 +404,7 @@ class DoubleRatchet:
             if value is not None and (not isinstance(value, bytes) or len(value) != KEY_LEN):
                 raise MeshStateError(f"ratchet state field {name} is invalid")
         for value, name in ((ns, "ns"), (nr, "nr"), (pn, "pn"), (max_skip, "max_skip")):
-            if (
-                not isinstance(value, int)
-                or isinstance(value, bool)
-                or not 0 <= value <= _U32_MAX + 1
-            ):
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _U32_MAX + 1:
                 raise MeshStateError(f"ratchet state field {name} is invalid")
         if not isinstance(ad, bytes) or not isinstance(skipped_list, list):
             raise MeshStateError("ratchet state is corrupted")
@@ -483,10 +471,7 @@ class DoubleRatchet:
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return (
-            f"DoubleRatchet(send_n={self.ns}, recv_n={self.nr}, pn={self.pn}, "
-            f"skipped={self.skipped_count})"
-        )
+        return f"DoubleRatchet(send_n={self.ns}, recv_n={self.nr}, pn={self.pn}, skipped={self.skipped_count})"
 
     def __reduce__(self) -> Any:
         raise TypeError("DoubleRatchet is not picklable; use to_bytes()")

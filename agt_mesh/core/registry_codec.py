@@ -82,9 +82,7 @@ def register_body_legacy(
     }
 
 
-def prekey_upload_body(
-    identity: Identity, spk: SignedPreKey, otks: Iterable[OneTimePreKey]
-) -> dict[str, Any]:
+def prekey_upload_body(identity: Identity, spk: SignedPreKey, otks: Iterable[OneTimePreKey]) -> dict[str, Any]:
     """``PUT /v1/agents/{did}/prekeys`` body; it replaces the whole stored bundle."""
     return {
         "identity_key": b64url_encode(identity.x25519_public),
@@ -94,9 +92,7 @@ def prekey_upload_body(
             "public_key": b64url_encode(spk.public),
             "signature": b64url_encode(spk.signature),
         },
-        "one_time_pre_keys": [
-            {"key_id": o.key_id, "public_key": b64url_encode(o.public)} for o in otks
-        ],
+        "one_time_pre_keys": [{"key_id": o.key_id, "public_key": b64url_encode(o.public)} for o in otks],
     }
 
 

@@ -83,9 +83,7 @@ class PeerSession:
             del self.candidates[: len(self.candidates) - MAX_CANDIDATES]
         return True
 
-    def decrypt(
-        self, header: bytes, blob: bytes, random: RandomSource, *, keep_own: bool
-    ) -> DecryptOutcome:
+    def decrypt(self, header: bytes, blob: bytes, random: RandomSource, *, keep_own: bool) -> DecryptOutcome:
         """Decrypt with the primary, else a candidate, else the previous ratchet.
 
         ``keep_own``: when a *candidate* decrypts but our unverified primary is a session
@@ -108,7 +106,7 @@ class PeerSession:
             else:
                 self.verified = True
                 return DecryptOutcome(pt, "primary")
-        for i, cand in enumerate(self.candidates):
+        for cand in list(self.candidates):
             try:
                 pt = cand.ratchet.decrypt(header, blob, random)
             except DecryptError as exc:
@@ -190,12 +188,7 @@ class PeerSession:
             obj = msgpack.unpackb(data, raw=False)
         except Exception:
             raise MeshStateError("session state is not valid msgpack") from None
-        if (
-            not isinstance(obj, list)
-            or not obj
-            or obj[0] != SESSION_STATE_VERSION
-            or len(obj) != 12
-        ):
+        if not isinstance(obj, list) or not obj or obj[0] != SESSION_STATE_VERSION or len(obj) != 12:
             raise MeshStateError("session state has an unknown version or layout")
         try:
             (
@@ -217,10 +210,7 @@ class PeerSession:
                 role=str(role),
                 profile=KdfProfile(profile) if profile else None,
                 primary=DoubleRatchet.from_bytes(primary) if primary else None,
-                candidates=[
-                    Candidate(KdfProfile(p), DoubleRatchet.from_bytes(r), bytes(e))
-                    for p, r, e in cands
-                ],
+                candidates=[Candidate(KdfProfile(p), DoubleRatchet.from_bytes(r), bytes(e)) for p, r, e in cands],
                 previous=DoubleRatchet.from_bytes(previous) if previous else None,
                 verified=bool(verified),
                 accepted=bool(accepted),

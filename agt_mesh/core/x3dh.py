@@ -74,8 +74,7 @@ class KdfProfile(enum.StrEnum):
             return aliases[value]
         except (KeyError, TypeError):
             raise MeshConfigError(
-                f"unknown X3DH KDF profile {value!r}; use 'spec' (alias 'current') or "
-                "'legacy' (alias 'ts-sdk-4')"
+                f"unknown X3DH KDF profile {value!r}; use 'spec' (alias 'current') or 'legacy' (alias 'ts-sdk-4')"
             ) from None
 
 
@@ -88,9 +87,7 @@ def x3dh_kdf(dh_concat: bytes, profile: KdfProfile = KdfProfile.SPEC) -> bytes:
     raise MeshConfigError(f"unknown X3DH KDF profile {profile!r}")
 
 
-def channel_ad(
-    initiator_did: str, responder_did: str, ik_initiator: bytes, ik_responder: bytes
-) -> bytes:
+def channel_ad(initiator_did: str, responder_did: str, ik_initiator: bytes, ik_responder: bytes) -> bytes:
     """The channel associated data: ``utf8(initiatorDID|responderDID) || IK_A || IK_B``."""
     return f"{initiator_did}|{responder_did}".encode() + ik_initiator + ik_responder
 
@@ -154,9 +151,7 @@ class PreKeyBundle:
             raise BundleVerificationError("Invalid identity key length (expected 32 bytes).")
         if self.one_time_pre_key is not None and len(self.one_time_pre_key) != KEY_LEN:
             raise BundleVerificationError("Invalid one-time pre-key length (expected 32 bytes).")
-        if not ed25519_verify(
-            self.identity_key_ed, self.signed_pre_key_signature, self.signed_pre_key
-        ):
+        if not ed25519_verify(self.identity_key_ed, self.signed_pre_key_signature, self.signed_pre_key):
             raise BundleVerificationError(
                 "Signed pre-key signature verification FAILED. The bundle may have been "
                 "tampered with; do not establish a session with it."
@@ -220,13 +215,9 @@ class PreKeyStore:
         self.next_spk_id = 0
         self.next_otk_id = 0
 
-    def generate_signed_pre_key(
-        self, random: RandomSource, *, created_at: float | None = None
-    ) -> SignedPreKey:
+    def generate_signed_pre_key(self, random: RandomSource, *, created_at: float | None = None) -> SignedPreKey:
         """Make, sign and install a new signed pre-key; the previous one is retired."""
-        spk = SignedPreKey.create(
-            self.identity, self.next_spk_id, random(KEY_LEN), created_at=created_at
-        )
+        spk = SignedPreKey.create(self.identity, self.next_spk_id, random(KEY_LEN), created_at=created_at)
         self.next_spk_id += 1
         if self.signed_pre_key is not None:
             self.retired_signed_pre_keys.append(self.signed_pre_key)
@@ -298,9 +289,7 @@ class PreKeyStore:
         try:
             return self._otks.pop(key_id)
         except KeyError:
-            raise PreKeyNotFoundError(
-                f"One-time pre-key {key_id} not found or already consumed."
-            ) from None
+            raise PreKeyNotFoundError(f"One-time pre-key {key_id} not found or already consumed.") from None
 
     def public_bundle(self, otk_id: int | None = None) -> PreKeyBundle:
         """Our public bundle, optionally with one of our one-time pre-keys."""

@@ -185,18 +185,14 @@ class RegistryState:
 
     # -- dispatch --------------------------------------------------------------------
 
-    def handle(
-        self, method: str, target: str, headers: Mapping[str, str], body: bytes
-    ) -> HttpResult:
+    def handle(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> HttpResult:
         """Answer one request.  ``headers`` must have lower-case names."""
         try:
             return self._dispatch(method.upper(), target, headers, body)
         except _HttpError as exc:
             return HttpResult(exc.status, {"detail": exc.detail})
 
-    def _dispatch(
-        self, method: str, target: str, headers: Mapping[str, str], body: bytes
-    ) -> HttpResult:
+    def _dispatch(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> HttpResult:
         parts = urlsplit(target)
         try:
             segs = [unquote(s, errors="strict") for s in parts.path.split("/")]
@@ -206,11 +202,14 @@ class RegistryState:
         # "", "v1", "agents", "<did>", ...
         if segs == ["", "health"]:
             self._allow(method, "GET")
-            return HttpResult(200, {
-                "status": "healthy",
-                "service": "agentmesh-registry",
-                "entra_verify_enabled": False,
-            })
+            return HttpResult(
+                200,
+                {
+                    "status": "healthy",
+                    "service": "agentmesh-registry",
+                    "entra_verify_enabled": False,
+                },
+            )
         if segs == ["", "v1", "discover"]:
             self._allow(method, "GET")
             return self._discover(parts.query)
@@ -254,38 +253,49 @@ class RegistryState:
         except (ValueError, UnicodeDecodeError):
             _fail(422, [_problem("json_invalid", ["body"], "JSON decode error")])
         if not isinstance(obj, dict):
-            _fail(422, [_problem(
-                "model_attributes_type", ["body"],
-                "Input should be a valid dictionary or object to extract fields from", obj,
-            )])
+            _fail(
+                422,
+                [
+                    _problem(
+                        "model_attributes_type",
+                        ["body"],
+                        "Input should be a valid dictionary or object to extract fields from",
+                        obj,
+                    )
+                ],
+            )
         return obj
 
     @staticmethod
-    def _check_str_fields(
-        obj: dict[str, Any], names: tuple[str, ...], problems: list[dict[str, Any]]
-    ) -> None:
+    def _check_str_fields(obj: dict[str, Any], names: tuple[str, ...], problems: list[dict[str, Any]]) -> None:
         for name in names:
             if name not in obj:
                 problems.append(_missing(["body", name], obj))
             elif not isinstance(obj[name], str):
-                problems.append(_problem(
-                    "string_type", ["body", name], "Input should be a valid string", obj[name]
-                ))
+                problems.append(_problem("string_type", ["body", name], "Input should be a valid string", obj[name]))
 
     @staticmethod
     def _check_caps_meta(obj: dict[str, Any], problems: list[dict[str, Any]]) -> None:
         caps = obj.get("capabilities", [])
         if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
-            problems.append(_problem(
-                "list_type", ["body", "capabilities"],
-                "Input should be a valid list of strings", caps,
-            ))
+            problems.append(
+                _problem(
+                    "list_type",
+                    ["body", "capabilities"],
+                    "Input should be a valid list of strings",
+                    caps,
+                )
+            )
         meta = obj.get("metadata", {})
         if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-            problems.append(_problem(
-                "dict_type", ["body", "metadata"],
-                "Input should be a valid dictionary of strings", meta,
-            ))
+            problems.append(
+                _problem(
+                    "dict_type",
+                    ["body", "metadata"],
+                    "Input should be a valid dictionary of strings",
+                    meta,
+                )
+            )
 
     def _authenticate(self, header: str | None) -> str:
         """Verify an ``Ed25519-Timestamp`` header; return the authenticated DID (AGT's checks)."""
@@ -323,8 +333,7 @@ class RegistryState:
 
     def _register(self, body: bytes) -> HttpResult:
         obj = self._json_object(body)
-        if (self.allow_legacy and "did" in obj
-                and "proof" not in obj and "proof_timestamp" not in obj):
+        if self.allow_legacy and "did" in obj and "proof" not in obj and "proof_timestamp" not in obj:
             return self._register_legacy(obj)
         problems: list[dict[str, Any]] = []
         self._check_str_fields(obj, ("public_key", "proof", "proof_timestamp"), problems)
@@ -393,24 +402,27 @@ class RegistryState:
         record = self._agents.get(did)
         if record is None:
             _fail(404, "Agent not found")
-        return HttpResult(200, {
-            "did": record.did,
-            "capabilities": list(record.capabilities),
-            "metadata": dict(record.metadata),
-            "registered_at": record.registered_at.isoformat(),
-            "last_seen": record.last_seen.isoformat(),
-            "reputation_score": record.reputation_score,
-            "total_sessions": 0,
-            "successful_sessions": 0,
-            "failed_sessions": 0,
-            "timeout_sessions": 0,
-            "last_session_at": None,
-            "completion_rate": None,
-            "tier": "anonymous",
-            "verified_app_id": None,
-            "verified_tenant_id": None,
-            "verified_at": None,
-        })
+        return HttpResult(
+            200,
+            {
+                "did": record.did,
+                "capabilities": list(record.capabilities),
+                "metadata": dict(record.metadata),
+                "registered_at": record.registered_at.isoformat(),
+                "last_seen": record.last_seen.isoformat(),
+                "reputation_score": record.reputation_score,
+                "total_sessions": 0,
+                "successful_sessions": 0,
+                "failed_sessions": 0,
+                "timeout_sessions": 0,
+                "last_session_at": None,
+                "completion_rate": None,
+                "tier": "anonymous",
+                "verified_app_id": None,
+                "verified_tenant_id": None,
+                "verified_at": None,
+            },
+        )
 
     def _delete(self, did: str, auth: str | None) -> HttpResult:
         record = self._agents.get(did)
@@ -440,23 +452,33 @@ class RegistryState:
             self._check_str_fields(obj, ("identity_key",), problems)
             ik_ed = obj.get("identity_key_ed")
             if ik_ed is not None and not isinstance(ik_ed, str):
-                problems.append(_problem("string_type", ["body", "identity_key_ed"],
-                                         "Input should be a valid string", ik_ed))
+                problems.append(
+                    _problem("string_type", ["body", "identity_key_ed"], "Input should be a valid string", ik_ed)
+                )
             if "signed_pre_key" not in obj:
                 problems.append(_missing(["body", "signed_pre_key"], obj))
             elif not isinstance(obj["signed_pre_key"], dict):
-                problems.append(_problem("dict_type", ["body", "signed_pre_key"],
-                                         "Input should be a valid dictionary",
-                                         obj["signed_pre_key"]))
+                problems.append(
+                    _problem(
+                        "dict_type",
+                        ["body", "signed_pre_key"],
+                        "Input should be a valid dictionary",
+                        obj["signed_pre_key"],
+                    )
+                )
             otks = obj.get("one_time_pre_keys", [])
             if not isinstance(otks, list):
-                problems.append(_problem("list_type", ["body", "one_time_pre_keys"],
-                                         "Input should be a valid list", otks))
+                problems.append(
+                    _problem("list_type", ["body", "one_time_pre_keys"], "Input should be a valid list", otks)
+                )
             else:
                 for i, otk in enumerate(otks):
                     if not isinstance(otk, dict):
-                        problems.append(_problem("dict_type", ["body", "one_time_pre_keys", i],
-                                                 "Input should be a valid dictionary", otk))
+                        problems.append(
+                            _problem(
+                                "dict_type", ["body", "one_time_pre_keys", i], "Input should be a valid dictionary", otk
+                            )
+                        )
         if problems:
             _fail(422, problems)
         assert obj is not None
@@ -466,10 +488,7 @@ class RegistryState:
             self._require_owner(did, auth, "DID mismatch")
         try:
             identity_key = b64url_decode(obj["identity_key"])
-            identity_key_ed = (
-                b64url_decode(obj["identity_key_ed"])
-                if obj.get("identity_key_ed") else None
-            )
+            identity_key_ed = b64url_decode(obj["identity_key_ed"]) if obj.get("identity_key_ed") else None
             spk = obj["signed_pre_key"]
             spk_public = b64url_decode(spk["public_key"])
             spk_signature = b64url_decode(spk["signature"])
@@ -494,18 +513,19 @@ class RegistryState:
         if record is None or record.signed_pre_key is None:
             _fail(404, "Pre-key bundle not found")
         otk = record.one_time_pre_keys.popleft() if record.one_time_pre_keys else None
-        return HttpResult(200, {
-            "identity_key": b64url_encode(record.identity_key or b""),
-            "identity_key_ed": (
-                b64url_encode(record.identity_key_ed) if record.identity_key_ed else None
-            ),
-            "signed_pre_key": {
-                "key_id": record.signed_pre_key_id,
-                "public_key": b64url_encode(record.signed_pre_key),
-                "signature": b64url_encode(record.signed_pre_key_signature or b""),
+        return HttpResult(
+            200,
+            {
+                "identity_key": b64url_encode(record.identity_key or b""),
+                "identity_key_ed": (b64url_encode(record.identity_key_ed) if record.identity_key_ed else None),
+                "signed_pre_key": {
+                    "key_id": record.signed_pre_key_id,
+                    "public_key": b64url_encode(record.signed_pre_key),
+                    "signature": b64url_encode(record.signed_pre_key_signature or b""),
+                },
+                "one_time_pre_key": otk,
             },
-            "one_time_pre_key": otk,
-        })
+        )
 
     # -- discovery and presence ------------------------------------------------------
 
@@ -521,31 +541,46 @@ class RegistryState:
             try:
                 limit = int(raw_limit)
             except ValueError:
-                problems.append(_problem(
-                    "int_parsing", ["query", "limit"],
-                    "Input should be a valid integer, unable to parse string as an integer",
-                    raw_limit,
-                ))
+                problems.append(
+                    _problem(
+                        "int_parsing",
+                        ["query", "limit"],
+                        "Input should be a valid integer, unable to parse string as an integer",
+                        raw_limit,
+                    )
+                )
             else:
                 if limit < 1:
-                    problems.append(_problem("greater_than_equal", ["query", "limit"],
-                                             "Input should be greater than or equal to 1",
-                                             raw_limit))
+                    problems.append(
+                        _problem(
+                            "greater_than_equal",
+                            ["query", "limit"],
+                            "Input should be greater than or equal to 1",
+                            raw_limit,
+                        )
+                    )
                 elif limit > _MAX_LIMIT:
-                    problems.append(_problem("less_than_equal", ["query", "limit"],
-                                             f"Input should be less than or equal to {_MAX_LIMIT}",
-                                             raw_limit))
+                    problems.append(
+                        _problem(
+                            "less_than_equal",
+                            ["query", "limit"],
+                            f"Input should be less than or equal to {_MAX_LIMIT}",
+                            raw_limit,
+                        )
+                    )
         if problems:
             _fail(422, problems)
         results = []
         for record in self._agents.values():
             if capability in record.capabilities:
-                results.append({
-                    "did": record.did,
-                    "capabilities": list(record.capabilities),
-                    "reputation_score": record.reputation_score,
-                    "last_seen": record.last_seen.isoformat(),
-                })
+                results.append(
+                    {
+                        "did": record.did,
+                        "capabilities": list(record.capabilities),
+                        "reputation_score": record.reputation_score,
+                        "last_seen": record.last_seen.isoformat(),
+                    }
+                )
                 if len(results) >= limit:
                     break
         return HttpResult(200, {"results": results, "total": len(results)})
@@ -555,11 +590,14 @@ class RegistryState:
         if record is None:
             _fail(404, "Agent not found")
         age = (self._now() - record.last_seen).total_seconds()
-        return HttpResult(200, {
-            "did": record.did,
-            "last_seen": record.last_seen.isoformat(),
-            "online": age < ONLINE_WINDOW,
-        })
+        return HttpResult(
+            200,
+            {
+                "did": record.did,
+                "last_seen": record.last_seen.isoformat(),
+                "online": age < ONLINE_WINDOW,
+            },
+        )
 
     def _heartbeat(self, did: str, auth: str | None) -> HttpResult:
         record = self._agents.get(did)
@@ -569,8 +607,10 @@ class RegistryState:
         if record is None:
             _fail(404, "Agent not found")
         now = self._now()
-        if (record.last_heartbeat is not None
-                and (now - record.last_heartbeat).total_seconds() < self.heartbeat_interval):
+        if (
+            record.last_heartbeat is not None
+            and (now - record.last_heartbeat).total_seconds() < self.heartbeat_interval
+        ):
             _fail(429, f"Heartbeat throttled; retry after {self.heartbeat_interval:g}s")
         record.last_heartbeat = now
         record.last_seen = now
@@ -673,8 +713,7 @@ class DevRegistry:
             raise ValueError("max_body_bytes must be >= 0 and max_header_bytes >= 1024")
         if keep_alive_timeout <= 0 or request_timeout <= 0:
             raise ValueError("keep_alive_timeout and request_timeout must be positive")
-        self.state = RegistryState(allow_legacy=allow_legacy,
-                                   heartbeat_interval=heartbeat_interval)
+        self.state = RegistryState(allow_legacy=allow_legacy, heartbeat_interval=heartbeat_interval)
         self._host = host
         self._requested_port = port
         self.max_body_bytes = max_body_bytes
@@ -791,9 +830,7 @@ class DevRegistry:
             return False
         if length > self.max_body_bytes:
             # The body is not read, so the connection cannot be reused.
-            await self._send(writer, 413, {
-                "detail": f"Request body larger than {self.max_body_bytes} bytes"
-            }, False)
+            await self._send(writer, 413, {"detail": f"Request body larger than {self.max_body_bytes} bytes"}, False)
             return False
         if length and request.headers.get("expect", "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -804,8 +841,7 @@ class DevRegistry:
         connection = {t.strip().lower() for t in request.headers.get("connection", "").split(",")}
         keep_alive = request.version == "HTTP/1.1" and "close" not in connection
         result = self.state.handle(request.method, request.target, request.headers, body)
-        await self._send(writer, result.status, result.body, keep_alive,
-                         head_only=request.method == "HEAD")
+        await self._send(writer, result.status, result.body, keep_alive, head_only=request.method == "HEAD")
         return keep_alive
 
     @staticmethod
@@ -821,8 +857,12 @@ class DevRegistry:
 
     @staticmethod
     async def _send(
-        writer: asyncio.StreamWriter, status: int, body: Any, keep_alive: bool,
-        *, head_only: bool = False,
+        writer: asyncio.StreamWriter,
+        status: int,
+        body: Any,
+        keep_alive: bool,
+        *,
+        head_only: bool = False,
     ) -> None:
         writer.write(_response_bytes(status, body, keep_alive=keep_alive, head_only=head_only))
         await writer.drain()

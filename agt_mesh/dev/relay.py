@@ -298,8 +298,7 @@ class RelayState(Generic[H]):
         pub_text = frame.get("public_key")
         ts_text = frame.get("timestamp")
         sig_text = frame.get("signature")
-        if not (isinstance(pub_text, str) and isinstance(ts_text, str)
-                and isinstance(sig_text, str)):
+        if not (isinstance(pub_text, str) and isinstance(ts_text, str) and isinstance(sig_text, str)):
             return "connect frame missing did/public_key/timestamp/signature"
         try:
             pub = b64_decode(pub_text)
@@ -371,9 +370,7 @@ class RelayState(Generic[H]):
 
     # -- frames after connect --------------------------------------------------------
 
-    def handle_frame(
-        self, did: str, handle: H, frame: dict[str, Any], text: str
-    ) -> Route | Reply | Disconnect | None:
+    def handle_frame(self, did: str, handle: H, frame: dict[str, Any], text: str) -> Route | Reply | Disconnect | None:
         """Decide what to do with a frame from ``did``'s connection ``handle``.
 
         ``ack`` and ``heartbeat`` are applied here; the other outcomes are returned for
@@ -424,8 +421,7 @@ class RelayState(Generic[H]):
             text = compact_json(stamped)
         elif self.require_pop and sender != did:
             self._stats.dropped_spoofed += 1
-            logger.warning("dropping %s %s: from %r is not the sender %s",
-                           ftype, frame_id, sender, did)
+            logger.warning("dropping %s %s: from %r is not the sender %s", ftype, frame_id, sender, did)
             return None
         return Route(to, frame_id, ftype, text)
 
@@ -443,13 +439,13 @@ class RelayState(Generic[H]):
         size = len(text)
         if len(queue) >= self.max_queue_per_recipient:
             self._stats.dropped_full += 1
-            logger.warning("inbox of %s is full (%d frames); dropping %s",
-                           recipient, len(queue), frame_id)
+            logger.warning("inbox of %s is full (%d frames); dropping %s", recipient, len(queue), frame_id)
             return StoreResult.QUEUE_FULL
         if self._stored_bytes + size > self.max_store_bytes:
             self._stats.dropped_full += 1
-            logger.warning("relay store is full (%d bytes); dropping %s for %s",
-                           self._stored_bytes, frame_id, recipient)
+            logger.warning(
+                "relay store is full (%d bytes); dropping %s for %s", self._stored_bytes, frame_id, recipient
+            )
             return StoreResult.STORE_FULL
         now = self._clock()
         queue[frame_id] = StoredFrame(frame_id, text, now, now + self.ttl)
@@ -728,7 +724,7 @@ class DevRelay:
     @property
     def ws_url(self) -> str:
         """``ws://host:port/ws``."""
-        return "ws" + self.url[len("http"):] + WS_PATH
+        return "ws" + self.url[len("http") :] + WS_PATH
 
     @property
     def connected_dids(self) -> frozenset[str]:
@@ -817,9 +813,7 @@ class DevRelay:
                 await ws.close(CLOSE_NORMAL)
                 return
 
-    async def _decode(
-        self, ws: ServerConnection, raw: str | bytes, did: str | None
-    ) -> dict[str, Any] | None:
+    async def _decode(self, ws: ServerConnection, raw: str | bytes, did: str | None) -> dict[str, Any] | None:
         """Parse a frame; on garbage close the connection and return ``None``.
 
         AGT drops the TCP connection on invalid JSON (the client sees 1006); closing

@@ -28,10 +28,16 @@ DEFAULT_RELAY_PORT = 8083
 DEFAULT_REGISTRY_PORT = 8082
 
 #: Options that go to :class:`DevRegistry`; every other option goes to :class:`DevRelay`.
-_REGISTRY_OPTIONS = frozenset({
-    "allow_legacy", "heartbeat_interval", "max_body_bytes", "max_header_bytes",
-    "keep_alive_timeout", "request_timeout",
-})
+_REGISTRY_OPTIONS = frozenset(
+    {
+        "allow_legacy",
+        "heartbeat_interval",
+        "max_body_bytes",
+        "max_header_bytes",
+        "keep_alive_timeout",
+        "request_timeout",
+    }
+)
 
 logger = logging.getLogger("agt_mesh.dev")
 
@@ -118,23 +124,35 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="agt-mesh relay",
         description="Run a development AgentMesh relay and registry (not for production).",
     )
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="interface to bind (default %(default)s)")
-    parser.add_argument("--relay-port", type=int, default=DEFAULT_RELAY_PORT,
-                        help="relay port, 0 for a free one (default %(default)s)")
-    parser.add_argument("--registry-port", type=int, default=DEFAULT_REGISTRY_PORT,
-                        help="registry port, 0 for a free one (default %(default)s)")
-    parser.add_argument("--no-pop", action="store_true",
-                        help="accept connect frames without DID proof of possession")
-    parser.add_argument("--token", default=None,
-                        help="shared secret the relay's connect frames must carry")
-    parser.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
-                        help="close relay connections idle this many seconds (default %(default)s)")
-    parser.add_argument("--allow-legacy", action="store_true",
-                        help="let the registry accept pre-POP registrations (platform 3.7.0 style)")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"],
-                        help="stderr log level (default %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default %(default)s)")
+    parser.add_argument(
+        "--relay-port", type=int, default=DEFAULT_RELAY_PORT, help="relay port, 0 for a free one (default %(default)s)"
+    )
+    parser.add_argument(
+        "--registry-port",
+        type=int,
+        default=DEFAULT_REGISTRY_PORT,
+        help="registry port, 0 for a free one (default %(default)s)",
+    )
+    parser.add_argument("--no-pop", action="store_true", help="accept connect frames without DID proof of possession")
+    parser.add_argument("--token", default=None, help="shared secret the relay's connect frames must carry")
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=DEFAULT_IDLE_TIMEOUT,
+        help="close relay connections idle this many seconds (default %(default)s)",
+    )
+    parser.add_argument(
+        "--allow-legacy",
+        action="store_true",
+        help="let the registry accept pre-POP registrations (platform 3.7.0 style)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="stderr log level (default %(default)s)",
+    )
     return parser
 
 

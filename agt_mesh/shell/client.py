@@ -298,8 +298,11 @@ class MeshClient:
                 self._lockfile.acquire()
             if self._registry is None:
                 self._registry = RegistryClient(
-                    self.registry_url, self.identity, timeout=self.registry_timeout,
-                    registration=self._registration, clock=self._clock,  # type: ignore[arg-type]
+                    self.registry_url,
+                    self.identity,
+                    timeout=self.registry_timeout,
+                    registration=self._registration,  # type: ignore[arg-type]
+                    clock=self._clock,
                 )
             if not self._registered:
                 await self._registry.register(self.capabilities, self.metadata)
@@ -307,10 +310,15 @@ class MeshClient:
             await self._ensure_prekeys()
             if self._transport is None:
                 self._transport = RelayTransport(
-                    self.relay_url, self.identity, on_frame=self._on_frame,
-                    token=self._token, connect_timeout=self.connect_timeout,
-                    heartbeat_interval=self.heartbeat_interval, reconnect=self.reconnect,
-                    clock=self._clock, on_disconnect=self._on_transport_disconnect,
+                    self.relay_url,
+                    self.identity,
+                    on_frame=self._on_frame,
+                    token=self._token,
+                    connect_timeout=self.connect_timeout,
+                    heartbeat_interval=self.heartbeat_interval,
+                    reconnect=self.reconnect,
+                    clock=self._clock,
+                    on_disconnect=self._on_transport_disconnect,
                     on_error=self._on_transport_error,
                 )
             await self._transport.connect()
@@ -401,9 +409,7 @@ class MeshClient:
 
     async def _on_frame(self, text: str) -> None:
         async with self._lock:
-            step = self.protocol.receive_text(
-                text, self._clock(), self._random, max_bytes=fr.DEFAULT_MAX_FRAME_BYTES
-            )
+            step = self.protocol.receive_text(text, self._clock(), self._random, max_bytes=fr.DEFAULT_MAX_FRAME_BYTES)
         await self._apply(step)
 
     async def _apply(self, step: Step) -> None:
@@ -434,7 +440,11 @@ class MeshClient:
     async def _handle_event(self, event: ev.Event) -> None:
         if isinstance(event, ev.MessageReceived):
             msg = InboundMessage(
-                event.peer, event.payload, event.message_id, self._clock(), event.plaintext,
+                event.peer,
+                event.payload,
+                event.message_id,
+                self._clock(),
+                event.plaintext,
                 self._names.get(event.peer),
             )
             await self.inbox.put(msg)
@@ -449,8 +459,8 @@ class MeshClient:
         elif isinstance(event, ev.ResyncNeeded):
             self._spawn(self._resync(event.peer), "agt-mesh-resync")
         elif isinstance(event, ev.E2EVerified):
-            for hook in list(self._verified_hooks):
-                await self._call(hook, event.peer, event.first_peer)
+            for vhook in list(self._verified_hooks):
+                await self._call(vhook, event.peer, event.first_peer)
         elif isinstance(event, ev.KnockRejected) and not event.ignored:
             await self._emit_error("knock", event.peer, f"peer rejected our KNOCK ({event.reason})")
 
@@ -471,8 +481,9 @@ class MeshClient:
         accept = True
         if self._policy is not None:
             try:
-                accept = bool(await asyncio.wait_for(self._policy(event.peer, event.intent),
-                                                     self.protocol.config.knock_timeout))
+                accept = bool(
+                    await asyncio.wait_for(self._policy(event.peer, event.intent), self.protocol.config.knock_timeout)
+                )
             except TimeoutError:
                 accept = False
             except Exception as exc:

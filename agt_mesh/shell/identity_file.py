@@ -43,9 +43,7 @@ def load_identity(path: str | os.PathLike[str]) -> Identity:
     try:
         fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise IdentityFileError(
-            f"no identity file at {p}; create one with: agt-mesh identity new --path {p}"
-        ) from None
+        raise IdentityFileError(f"no identity file at {p}; create one with: agt-mesh identity new --path {p}") from None
     except OSError as exc:
         raise IdentityFileError(f"cannot open identity file {p}: {exc.strerror}") from None
     try:
@@ -57,9 +55,7 @@ def load_identity(path: str | os.PathLike[str]) -> Identity:
     try:
         data = json.loads(raw)
     except ValueError:
-        raise IdentityFileError(
-            f"identity file {p} is not valid JSON (corrupted or truncated)"
-        ) from None
+        raise IdentityFileError(f"identity file {p} is not valid JSON (corrupted or truncated)") from None
     return Identity.from_file_dict(data, source=f"identity file {p}")
 
 
@@ -78,13 +74,7 @@ def save_identity(
     p = Path(path)
     when = (created_at or _dt.datetime.now(_dt.UTC)).isoformat().replace("+00:00", "Z")
     data = (json.dumps(identity.to_file_dict(created_at=when), indent=2) + "\n").encode()
-    flags = (
-        os.O_WRONLY
-        | os.O_CREAT
-        | os.O_EXCL
-        | getattr(os, "O_NOFOLLOW", 0)
-        | getattr(os, "O_CLOEXEC", 0)
-    )
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     target = p
     try:
         if force:  # a fresh, unpredictable 0600 name, renamed over the target at the end
@@ -94,8 +84,7 @@ def save_identity(
             fd = os.open(target, flags, 0o600)
     except FileExistsError:
         raise IdentityFileError(
-            f"{target} already exists; refusing to overwrite an identity "
-            "(use --force to replace it)"
+            f"{target} already exists; refusing to overwrite an identity (use --force to replace it)"
         ) from None
     except OSError as exc:
         raise IdentityFileError(f"cannot create identity file {target}: {exc.strerror}") from None

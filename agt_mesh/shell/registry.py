@@ -127,9 +127,7 @@ class AgentRecord:
         if caps is None:
             caps = []
         if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
-            raise MeshRegistryError(
-                f"registry record of {did}: 'capabilities' is not a string list"
-            )
+            raise MeshRegistryError(f"registry record of {did}: 'capabilities' is not a string list")
         meta = obj.get("metadata")
         if meta is None:
             meta = {}
@@ -246,9 +244,7 @@ def _check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in metadata.items():
         if not isinstance(key, str) or not isinstance(value, str):
-            raise MeshConfigError(
-                "metadata keys and values must be strings (the AGT registry rejects others)"
-            )
+            raise MeshConfigError("metadata keys and values must be strings (the AGT registry rejects others)")
         out[key] = value
     return out
 
@@ -330,13 +326,9 @@ class RegistryClient:
         except (httpx.InvalidURL, TypeError, ValueError):
             raise MeshConfigError(f"invalid registry URL {base_url!r}") from None
         if parsed.scheme not in ("http", "https") or not parsed.host:
-            raise MeshConfigError(
-                f"invalid registry URL {base_url!r}: expected http://host[:port] or https://..."
-            )
+            raise MeshConfigError(f"invalid registry URL {base_url!r}: expected http://host[:port] or https://...")
         if parsed.query or parsed.fragment:
-            raise MeshConfigError(
-                f"the registry URL {base_url!r} must not have a query or fragment"
-            )
+            raise MeshConfigError(f"the registry URL {base_url!r} must not have a query or fragment")
         if not isinstance(identity, Identity):
             raise MeshConfigError("identity must be an agt_mesh Identity")
         if isinstance(timeout, bool) or not isinstance(timeout, int | float):
@@ -419,9 +411,7 @@ class RegistryClient:
     def _auth_value(self) -> str:
         return codec.auth_header(self._identity, self._did, iso_timestamp(self._clock()))
 
-    async def _send(
-        self, method: str, path: str, *, body: Any = None, auth: bool = True
-    ) -> httpx.Response:
+    async def _send(self, method: str, path: str, *, body: Any = None, auth: bool = True) -> httpx.Response:
         """Send with per-attempt deadline and retries; return the last response.
 
         A 5xx answer is returned (after the retries) for the caller to map; 4xx at once.
@@ -451,8 +441,7 @@ class RegistryClient:
                 reason = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
             except httpx.HTTPError as exc:
                 raise MeshRegistryError(
-                    f"registry request {method} {path} failed: {type(exc).__name__}: "
-                    f"{_clip(str(exc))}"
+                    f"registry request {method} {path} failed: {type(exc).__name__}: {_clip(str(exc))}"
                 ) from None
             else:
                 if response.status_code < 500 or attempt + 1 == attempts:
@@ -490,9 +479,7 @@ class RegistryClient:
             hint = f"retry after {after:g} s" if after is not None else "retry later"
             return MeshRegistryError(f"{prefix}: rate limited; {hint}", status=429)
         if status >= 500:
-            return MeshRegistryError(
-                f"{prefix}; gave up after {self._retries + 1} attempt(s)", status=status
-            )
+            return MeshRegistryError(f"{prefix}; gave up after {self._retries + 1} attempt(s)", status=status)
         return MeshRegistryError(prefix, status=status)
 
     @staticmethod
@@ -519,33 +506,26 @@ class RegistryClient:
             ) from None
 
     @classmethod
-    def _json_object(
-        cls, response: httpx.Response, what: str, *, allow_empty: bool = False
-    ) -> dict[str, Any]:
+    def _json_object(cls, response: httpx.Response, what: str, *, allow_empty: bool = False) -> dict[str, Any]:
         body = cls._json(response, what, allow_empty=allow_empty)
         if body is None:
             return {}
         if not isinstance(body, dict):
             raise MeshRegistryError(
-                f"registry {what}: HTTP {response.status_code} with a JSON body that is not "
-                "an object",
+                f"registry {what}: HTTP {response.status_code} with a JSON body that is not an object",
                 status=response.status_code,
             )
         return body
 
     # -- registration --------------------------------------------------------------------
 
-    def _register_body(
-        self, shape: RegistrationShape, caps: list[str], meta: dict[str, str]
-    ) -> dict[str, Any]:
+    def _register_body(self, shape: RegistrationShape, caps: list[str], meta: dict[str, str]) -> dict[str, Any]:
         if shape == "pop":
             stamp = iso_timestamp(self._clock())
             return codec.register_body_pop(self._identity, stamp, caps, meta)
         return codec.register_body_legacy(self._identity.did, self._identity, caps, meta)
 
-    async def register(
-        self, capabilities: Sequence[str], metadata: Mapping[str, str]
-    ) -> Registration:
+    async def register(self, capabilities: Sequence[str], metadata: Mapping[str, str]) -> Registration:
         """Register this agent (``POST /v1/agents``).
 
         An already registered agent (HTTP 409) is a success with ``created=False``.  With
@@ -570,8 +550,7 @@ class RegistryClient:
             if status == 422 and shape == "pop" and index + 1 < len(shapes):
                 pop_rejection = _detail(response)
                 logger.info(
-                    "registry rejected the POP registration body (422: %s); retrying with the "
-                    "legacy (pre-POP) body",
+                    "registry rejected the POP registration body (422: %s); retrying with the legacy (pre-POP) body",
                     pop_rejection,
                 )
                 continue
@@ -685,11 +664,7 @@ class RegistryClient:
         """
         if not isinstance(capability, str) or not capability:
             raise MeshConfigError("capability must be a non-empty string")
-        if (
-            isinstance(limit, bool)
-            or not isinstance(limit, int)
-            or not 1 <= limit <= DISCOVER_LIMIT_MAX
-        ):
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= DISCOVER_LIMIT_MAX:
             raise MeshConfigError(f"limit must be an integer from 1 to {DISCOVER_LIMIT_MAX}")
         response = await self._send("GET", codec.discover_path(capability, limit))
         if not response.is_success:
@@ -697,9 +672,7 @@ class RegistryClient:
         body = self._json_object(response, "discover")
         results = body.get("results")
         if not isinstance(results, list):
-            raise MeshRegistryError(
-                "registry discover answer has no 'results' list", status=response.status_code
-            )
+            raise MeshRegistryError("registry discover answer has no 'results' list", status=response.status_code)
         records = [AgentRecord.from_json(item) for item in results]
         records.sort(key=_freshness)
         return records
@@ -744,8 +717,7 @@ class RegistryClient:
             return
         if response.status_code == 404:
             raise MeshRegistryError(
-                f"registry does not know {self._did}: register() again (a registry restart "
-                "loses every registration)",
+                f"registry does not know {self._did}: register() again (a registry restart loses every registration)",
                 status=404,
             )
         raise self._error(response, "heartbeat")
@@ -768,9 +740,7 @@ class RegistryClient:
         if not isinstance(token, str) or not token:
             raise MeshConfigError("the verification token must be a non-empty string")
         if len(token) > VERIFICATION_TOKEN_MAX:
-            raise MeshConfigError(
-                f"the verification token is longer than {VERIFICATION_TOKEN_MAX} characters"
-            )
+            raise MeshConfigError(f"the verification token is longer than {VERIFICATION_TOKEN_MAX} characters")
         body = {"amid": self._did, "verification_token": token}
         response = await self._send("POST", "/v1/registry/verify", body=body)
         if response.is_success:

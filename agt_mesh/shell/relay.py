@@ -86,12 +86,8 @@ def _close_error(code: int | None, reason: str, url: str) -> Exception:
             "same DID (session replaced); not reconnecting — stop the other process first"
         )
     if code in (CLOSE_NOT_CONNECT, CLOSE_NO_FROM):
-        return MeshTransportError(
-            f"relay {url} rejected the connect frame (close {code}: {reason})"
-        )
-    return MeshTransportError(
-        f"relay {url} closed the connection (code {code}: {reason or 'no reason'})"
-    )
+        return MeshTransportError(f"relay {url} rejected the connect frame (close {code}: {reason})")
+    return MeshTransportError(f"relay {url} closed the connection (code {code}: {reason or 'no reason'})")
 
 
 class RelayTransport:
@@ -207,9 +203,7 @@ class RelayTransport:
             raise _close_error(
                 exc.rcvd.code if exc.rcvd else None, exc.rcvd.reason if exc.rcvd else "", self.url
             ) from None
-        self._reader = asyncio.create_task(
-            self._read_loop(ws, verdict), name="agt-mesh-relay-reader"
-        )
+        self._reader = asyncio.create_task(self._read_loop(ws, verdict), name="agt-mesh-relay-reader")
         try:
             await asyncio.wait_for(asyncio.shield(verdict), self.verdict_quiet)
         except TimeoutError:
@@ -226,9 +220,7 @@ class RelayTransport:
         self.connect_count += 1
         self._connected.set()
         if self.heartbeat_interval:
-            self._heartbeat = asyncio.create_task(
-                self._heartbeat_loop(ws), name="agt-mesh-heartbeat"
-            )
+            self._heartbeat = asyncio.create_task(self._heartbeat_loop(ws), name="agt-mesh-heartbeat")
         if self._on_connect is not None:
             await self._on_connect()
 
@@ -273,15 +265,11 @@ class RelayTransport:
         self.last_close = (code, reason)
         by_client = self._closing
         if was_connected and self._on_disconnect is not None:
-            await self._on_disconnect(
-                "client" if by_client or code == 1000 and not reason else "server", code
-            )
+            await self._on_disconnect("client" if by_client or (code == 1000 and not reason) else "server", code)
         if by_client or not was_connected:
             return
         err = _close_error(code, reason, self.url)
-        if isinstance(err, MeshAuthError | SessionReplacedError) or (
-            code == 1000 and reason == "session_replaced"
-        ):
+        if isinstance(err, MeshAuthError | SessionReplacedError) or (code == 1000 and reason == "session_replaced"):
             self.fatal = err
             await self._emit_error("ws", str(err))
             return
@@ -292,9 +280,7 @@ class RelayTransport:
 
     def _schedule_reconnect(self) -> None:
         if self._reconnector is None or self._reconnector.done():
-            self._reconnector = asyncio.create_task(
-                self._reconnect_loop(), name="agt-mesh-reconnect"
-            )
+            self._reconnector = asyncio.create_task(self._reconnect_loop(), name="agt-mesh-reconnect")
 
     def backoff_delay(self, attempt: int) -> float:
         """``min(base·2^attempt, max)`` with ±20 % jitter."""
@@ -322,9 +308,7 @@ class RelayTransport:
         with contextlib.suppress(ConnectionClosed, asyncio.CancelledError):
             while True:
                 await asyncio.sleep(self.heartbeat_interval)
-                await ws.send(
-                    fr.encode_frame(fr.heartbeat_frame(self.did, fr.iso_timestamp(self._clock())))
-                )
+                await ws.send(fr.encode_frame(fr.heartbeat_frame(self.did, fr.iso_timestamp(self._clock()))))
 
     async def _emit_error(self, kind: str, detail: str) -> None:
         if self._on_error is not None:
