@@ -102,8 +102,8 @@ async def closed_with(ws: ClientConnection, timeout: float = WAIT) -> tuple[list
 async def online(url: str, ident: Identity, **kw: Any) -> ClientConnection:
     """Connect with POP, send fetch_pending, and wait for the (empty) pending_messages reply.
 
-    Stored frames pushed before the reply are left in ``ws.pushed``-style order for the
-    caller: use :func:`online_with_pushed` to collect them.
+    The reply proves the connect was accepted.  No stored frame may arrive before it; use
+    :func:`online_with_pushed` when some are expected.
     """
     ws, pushed = await online_with_pushed(url, ident, **kw)
     assert pushed == [], pushed

@@ -152,6 +152,12 @@ def cmd_vectors_verify(args: argparse.Namespace) -> int:
     return verify_main(args.files, sys.stdout)
 
 
+def cmd_relay(args: argparse.Namespace) -> int:
+    from agt_mesh.dev.server import main as relay_main
+
+    return relay_main(args.relay_args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from agt_mesh.demo import run_demo
 
@@ -204,10 +210,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="FILE")
 
     add(sub, "demo", cmd_demo, "run a local two-agent end-to-end demo")
+    p = sub.add_parser(
+        "relay",
+        help="run the development relay + registry on 127.0.0.1 (not for production)",
+        add_help=False,
+    )
+    p.set_defaults(func=cmd_relay, relay_args=[])
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["relay"]:  # the dev relay has its own option parser
+        from agt_mesh.dev.server import main as relay_main
+
+        return relay_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     for name, env in (

@@ -840,7 +840,11 @@ class DevRegistry:
                 body = await reader.readexactly(length)
         connection = {t.strip().lower() for t in request.headers.get("connection", "").split(",")}
         keep_alive = request.version == "HTTP/1.1" and "close" not in connection
-        result = self.state.handle(request.method, request.target, request.headers, body)
+        try:
+            result = self.state.handle(request.method, request.target, request.headers, body)
+        except Exception:  # a bug: answer 500 like a framework would, keep serving
+            logger.exception("registry request %s %s failed", request.method, request.target)
+            result = HttpResult(500, {"detail": "Internal Server Error"})
         await self._send(writer, result.status, result.body, keep_alive, head_only=request.method == "HEAD")
         return keep_alive
 
