@@ -114,12 +114,15 @@ class Step:
     events: list[Event] = field(default_factory=list)
     acks: list[str] = field(default_factory=list)
     changed: set[str] = field(default_factory=set)
+    #: message ids processed for good in this step (persist them for de-duplication)
+    seen: list[str] = field(default_factory=list)
 
     def extend(self, other: Step) -> None:
         self.frames.extend(other.frames)
         self.events.extend(other.events)
         self.acks.extend(other.acks)
         self.changed |= other.changed
+        self.seen.extend(other.seen)
 
     def ack_frames(self) -> list[dict[str, Any]]:
         return [fr.ack_frame(i) for i in self.acks]
@@ -210,7 +213,9 @@ class MeshProtocol:
 
     # -- messages -------------------------------------------------------------------
 
-    def _remember_id(self, frame_id: str) -> None:
+    def _remember_id(self, frame_id: str, step: Step | None = None) -> None:
+        if step is not None:
+            step.seen.append(frame_id)
         self._seen_ids[frame_id] = None
         if len(self._seen_ids) > self.config.dedupe_window:
             self._seen_ids.popitem(last=False)
@@ -252,7 +257,7 @@ class MeshProtocol:
             step.acks.append(f.id)
             step.events.append(ErrorEvent("decrypt", f.from_did, "plaintext payload is not JSON", f.id))
             return
-        self._remember_id(f.id)
+        self._remember_id(f.id, step)
         step.acks.append(f.id)
         step.events.append(MessageReceived(f.from_did, payload, f.id, plaintext=True, ts=f.ts))
 
@@ -285,7 +290,7 @@ class MeshProtocol:
         step.changed.add(peer)
         session.failures = 0
         session.last_activity = now
-        self._remember_id(f.id)
+        self._remember_id(f.id, step)
         step.acks.append(f.id)
         if out.source == "candidate" and session.primary is not None and session.profile is not None:
             self.peer_profiles[peer] = session.profile

@@ -205,6 +205,7 @@ class PreKeyStore:
         "next_spk_id",
         "retired_signed_pre_keys",
         "signed_pre_key",
+        "version",
     )
 
     def __init__(self, identity: Identity) -> None:
@@ -214,11 +215,14 @@ class PreKeyStore:
         self._otks: dict[int, OneTimePreKey] = {}
         self.next_spk_id = 0
         self.next_otk_id = 0
+        #: incremented on every change (lets a store know when to write)
+        self.version = 0
 
     def generate_signed_pre_key(self, random: RandomSource, *, created_at: float | None = None) -> SignedPreKey:
         """Make, sign and install a new signed pre-key; the previous one is retired."""
         spk = SignedPreKey.create(self.identity, self.next_spk_id, random(KEY_LEN), created_at=created_at)
         self.next_spk_id += 1
+        self.version += 1
         if self.signed_pre_key is not None:
             self.retired_signed_pre_keys.append(self.signed_pre_key)
         self.signed_pre_key = spk
@@ -235,6 +239,7 @@ class PreKeyStore:
             self.next_otk_id += 1
             self._otks[otk.key_id] = otk
             out.append(otk)
+        self.version += 1
         return out
 
     def add_signed_pre_key(self, spk: SignedPreKey, *, current: bool = True) -> None:
@@ -246,11 +251,13 @@ class PreKeyStore:
         else:
             self.retired_signed_pre_keys.append(spk)
         self.next_spk_id = max(self.next_spk_id, spk.key_id + 1)
+        self.version += 1
 
     def add_one_time_pre_key(self, otk: OneTimePreKey) -> None:
         """Install an existing one-time pre-key (restoring state)."""
         self._otks[otk.key_id] = otk
         self.next_otk_id = max(self.next_otk_id, otk.key_id + 1)
+        self.version += 1
 
     def drop_retired_before(self, cutoff: float) -> list[SignedPreKey]:
         """Forget retired signed pre-keys created before ``cutoff``; returns what was dropped."""
@@ -258,7 +265,9 @@ class PreKeyStore:
         drop: list[SignedPreKey] = []
         for spk in self.retired_signed_pre_keys:
             (drop if spk.created_at is not None and spk.created_at < cutoff else keep).append(spk)
-        self.retired_signed_pre_keys = keep
+        if drop:
+            self.retired_signed_pre_keys = keep
+            self.version += 1
         return drop
 
     @property
@@ -287,9 +296,11 @@ class PreKeyStore:
             PreKeyNotFoundError: if it is unknown or was already consumed.
         """
         try:
-            return self._otks.pop(key_id)
+            otk = self._otks.pop(key_id)
         except KeyError:
             raise PreKeyNotFoundError(f"One-time pre-key {key_id} not found or already consumed.") from None
+        self.version += 1
+        return otk
 
     def public_bundle(self, otk_id: int | None = None) -> PreKeyBundle:
         """Our public bundle, optionally with one of our one-time pre-keys."""

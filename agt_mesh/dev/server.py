@@ -143,6 +143,30 @@ def _build_parser() -> argparse.ArgumentParser:
         help="close relay connections idle this many seconds (default %(default)s)",
     )
     parser.add_argument(
+        "--stale-after",
+        type=float,
+        default=None,
+        help="seconds without a heartbeat after which live delivery to a peer stops (default 90)",
+    )
+    parser.add_argument(
+        "--knock-delay",
+        type=float,
+        default=0.0,
+        help="fault knob: hold each knock frame this many seconds, so the first message overtakes it",
+    )
+    parser.add_argument(
+        "--reorder-window",
+        type=int,
+        default=0,
+        help="fault knob: write each recipient's live frames in reversed batches of up to N (N >= 2)",
+    )
+    parser.add_argument(
+        "--reorder-hold",
+        type=float,
+        default=0.05,
+        help="with --reorder-window: seconds a partial batch waits for more frames (default %(default)s)",
+    )
+    parser.add_argument(
         "--allow-legacy",
         action="store_true",
         help="let the registry accept pre-POP registrations (platform 3.7.0 style)",
@@ -171,6 +195,10 @@ async def _run(args: argparse.Namespace) -> None:
             token=args.token,
             idle_timeout=args.idle_timeout,
             allow_legacy=args.allow_legacy,
+            knock_delay=args.knock_delay,
+            reorder_window=args.reorder_window,
+            reorder_hold=args.reorder_hold,
+            **({} if args.stale_after is None else {"stale_after": args.stale_after}),
         )
 
 
@@ -179,6 +207,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.idle_timeout <= 0:
         print("agt-mesh relay: --idle-timeout must be positive", file=sys.stderr)
+        return 2
+    if args.stale_after is not None and args.stale_after <= 0:
+        print("agt-mesh relay: --stale-after must be positive", file=sys.stderr)
+        return 2
+    if args.knock_delay < 0 or args.reorder_window < 0 or args.reorder_hold < 0:
+        print("agt-mesh relay: --knock-delay, --reorder-window and --reorder-hold must be >= 0", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),

@@ -29,7 +29,7 @@ from typing import Any
 from agt_mesh import __version__
 from agt_mesh.core import events as ev
 from agt_mesh.core import frames as fr
-from agt_mesh.core.identity import Identity, is_mesh_did
+from agt_mesh.core.identity import Identity
 from agt_mesh.core.primitives import RandomSource
 from agt_mesh.core.protocol import MeshProtocol, ProtocolConfig, Step
 from agt_mesh.core.x3dh import KdfProfile, PreKeyStore
@@ -39,6 +39,7 @@ from agt_mesh.shell.inbox import InboundMessage, Inbox
 from agt_mesh.shell.lock import WriterLock
 from agt_mesh.shell.registry import AgentRecord, RegistryClient
 from agt_mesh.shell.relay import RelayTransport
+from agt_mesh.shell.store import PeerMeta, StateStore
 
 __all__ = ["MeshClient"]
 
@@ -132,6 +133,8 @@ class MeshClient:
         send_timeout: float = 30.0,
         reconnect: bool = True,
         inbox_size: int = 10_000,
+        durable: bool = True,
+        synchronous: str = "NORMAL",
         knock_timeout: float = 10.0,
         random: RandomSource = os.urandom,
         clock: Callable[[], float] = time.time,
@@ -171,6 +174,12 @@ class MeshClient:
         self.send_timeout = send_timeout
         self.reconnect = reconnect
         self._lockfile = WriterLock(state_dir) if state_dir is not None else None
+        self.store = (
+            StateStore(state_dir, did=self.identity.did, synchronous=synchronous)
+            if state_dir is not None and durable
+            else None
+        )
+        self._loaded = False
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.prekeys = PreKeyStore(self.identity)
         self.protocol = MeshProtocol(
@@ -198,6 +207,8 @@ class MeshClient:
         self._ticker: asyncio.Task[None] | None = None
         self._names: dict[str, str] = {}
         self._registered = False
+        self._inbound: asyncio.Queue[str] = asyncio.Queue(maxsize=1024)
+        self._processor: asyncio.Task[None] | None = None
         self._replenishing = False
         self.uploaded_otks = 0
 
@@ -296,6 +307,8 @@ class MeshClient:
         try:
             if self._lockfile is not None:
                 self._lockfile.acquire()
+            if self.store is not None and not self._loaded:
+                self._load_state()
             if self._registry is None:
                 self._registry = RegistryClient(
                     self.registry_url,
@@ -304,10 +317,23 @@ class MeshClient:
                     registration=self._registration,  # type: ignore[arg-type]
                     clock=self._clock,
                 )
+            force_upload = False
+            if (
+                not self._registered
+                and self.store is not None
+                and self.store.get_meta("registered_at") == self.registry_url
+            ):
+                # resumed: no new registration unless the registry forgot us (it may be in-memory)
+                if await self._registry.get_agent(self.did) is not None:
+                    self._registered = True
+                else:
+                    force_upload = True
             if not self._registered:
                 await self._registry.register(self.capabilities, self.metadata)
                 self._registered = True
-            await self._ensure_prekeys()
+                if self.store is not None:
+                    self.store.set_meta("registered_at", self.registry_url)
+            await self._ensure_prekeys(force_upload=force_upload)
             if self._transport is None:
                 self._transport = RelayTransport(
                     self.relay_url,
@@ -321,6 +347,8 @@ class MeshClient:
                     on_disconnect=self._on_transport_disconnect,
                     on_error=self._on_transport_error,
                 )
+            if self._processor is None or self._processor.done():
+                self._processor = asyncio.create_task(self._process_loop(), name="agt-mesh-inbound")
             await self._transport.connect()
             if self._ticker is None or self._ticker.done():
                 self._ticker = asyncio.create_task(self._tick_loop(), name="agt-mesh-tick")
@@ -340,6 +368,14 @@ class MeshClient:
         await self._teardown()
 
     async def _teardown(self) -> None:
+        if self._processor is not None:
+            # finish what was already received (it may be committed but not yet acked)
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(self._drain_inbound(), 5)
+            self._processor.cancel()
+            with contextlib.suppress(BaseException):
+                await self._processor
+            self._processor = None
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(BaseException):
@@ -359,6 +395,9 @@ class MeshClient:
             with contextlib.suppress(Exception):
                 await self._registry.aclose()
             self._registry = None
+        if self.store is not None:
+            self.store.close()
+            self._loaded = False
         if self._lockfile is not None:
             self._lockfile.release()
 
@@ -372,10 +411,34 @@ class MeshClient:
     # pre-keys
     # ------------------------------------------------------------------------------
 
-    async def _ensure_prekeys(self) -> None:
+    def _load_state(self) -> None:
+        """Resume from the durable store: pre-keys, sessions, peers, dedupe ids, inbox."""
+        assert self.store is not None
+        store = self.store.open()
+        if self._loaded:
+            return
+        if self.prekeys.signed_pre_key is None:
+            store.load_prekeys(self.prekeys)
+        for session in store.load_sessions():
+            self.protocol.restore_session(session)
+        for meta in store.load_peers():
+            if meta.profile is not None:
+                self.protocol.peer_profiles[meta.did] = meta.profile
+            if meta.e2e_verified:
+                self.protocol.e2e_verified.add(meta.did)
+            if meta.display_name:
+                self._names.setdefault(meta.did, meta.display_name)
+        self.protocol.mark_seen(store.load_seen_ids())
+        known = {m.message_id for m in self.inbox.peek()}
+        for msg in store.load_inbox():
+            if msg.message_id not in known:
+                self.inbox.put_nowait(msg)
+        self._loaded = True
+
+    async def _ensure_prekeys(self, *, force_upload: bool = False) -> None:
         now = self._clock()
         spk = self.prekeys.signed_pre_key
-        upload = False
+        upload = force_upload
         if spk is None or (spk.created_at is not None and now - spk.created_at >= self.signed_prekey_rotation):
             self.prekeys.generate_signed_pre_key(self._random, created_at=now)
             self.prekeys.drop_retired_before(now - self.signed_prekey_retention)
@@ -392,6 +455,8 @@ class MeshClient:
         spk = self.prekeys.signed_pre_key
         assert spk is not None and self._registry is not None
         otks = self.prekeys.one_time_pre_keys
+        if self.store is not None:  # private keys are durable before the public keys are published
+            self.store.save_prekeys(self.prekeys)
         await self._registry.upload_prekeys(spk, otks)
         self.uploaded_otks = len(otks)
 
@@ -408,16 +473,59 @@ class MeshClient:
     # ------------------------------------------------------------------------------
 
     async def _on_frame(self, text: str) -> None:
+        await self._inbound.put(text)  # bounded: a slow consumer slows the reader, nothing is dropped
+
+    async def _process_loop(self) -> None:
+        while True:
+            first = await self._inbound.get()
+            await self._process_batch([first])
+
+    async def _drain_inbound(self) -> None:
+        batch = []
+        while not self._inbound.empty():
+            batch.append(self._inbound.get_nowait())
+        if batch:
+            await self._process_batch(batch)
+
+    async def _process_batch(self, batch: list[str]) -> None:
+        """Process whatever has arrived (up to 256 frames) with one commit and then the acks."""
+        while len(batch) < 256 and not self._inbound.empty():
+            batch.append(self._inbound.get_nowait())
+        step = Step()
         async with self._lock:
-            step = self.protocol.receive_text(text, self._clock(), self._random, max_bytes=fr.DEFAULT_MAX_FRAME_BYTES)
+            for text in batch:
+                step.extend(
+                    self.protocol.receive_text(text, self._clock(), self._random, max_bytes=fr.DEFAULT_MAX_FRAME_BYTES)
+                )
         await self._apply(step)
 
+    def _persist(self, step: Step, messages: list[InboundMessage]) -> None:
+        store = self.store
+        if store is None:
+            return
+        sessions = {peer: self.protocol.sessions.get(peer) for peer in step.changed}
+        peers = [
+            PeerMeta(p, self.protocol.peer_profiles.get(p), self._names.get(p), p in self.protocol.e2e_verified)
+            for p in step.changed
+        ]
+        store.commit(sessions=sessions, peers=peers, inbox=messages, seen=step.seen, prekeys=self.prekeys)
+
     async def _apply(self, step: Step) -> None:
-        """Send a step's frames, deliver its events, then acknowledge."""
+        """Commit the step's state, send its frames, deliver its events, then acknowledge."""
+        messages = [
+            InboundMessage(e.peer, e.payload, e.message_id, self._clock(), e.plaintext, self._names.get(e.peer))
+            for e in step.events
+            if isinstance(e, ev.MessageReceived)
+        ]
+        self._persist(step, messages)
         for frame in step.frames:
             await self._send_frame(frame)
+        delivered = iter(messages)
         for event in step.events:
-            await self._handle_event(event)
+            if isinstance(event, ev.MessageReceived):
+                await self._deliver(next(delivered))
+            else:
+                await self._handle_event(event)
         for ack in step.ack_frames():
             await self._send_frame(ack)
         if (
@@ -437,20 +545,13 @@ class MeshClient:
         except MeshTransportError as exc:
             log.debug("frame not sent: %s", exc)
 
+    async def _deliver(self, msg: InboundMessage) -> None:
+        await self.inbox.put(msg)
+        for hook in list(self._message_hooks):
+            await self._call(hook, msg)
+
     async def _handle_event(self, event: ev.Event) -> None:
-        if isinstance(event, ev.MessageReceived):
-            msg = InboundMessage(
-                event.peer,
-                event.payload,
-                event.message_id,
-                self._clock(),
-                event.plaintext,
-                self._names.get(event.peer),
-            )
-            await self.inbox.put(msg)
-            for hook in list(self._message_hooks):
-                await self._call(hook, msg)
-        elif isinstance(event, ev.KnockDecision):
+        if isinstance(event, ev.KnockDecision):
             self._spawn(self._decide_knock(event), "agt-mesh-knock")
         elif isinstance(event, ev.ErrorEvent):
             await self._emit_error(event.kind, event.peer, event.detail)
@@ -541,7 +642,7 @@ class MeshClient:
         self._names[record.did] = to
         return record.did
 
-    async def send(self, to: str, payload: Any) -> str:
+    async def send(self, to: str, payload: Any, *, message_id: str | None = None) -> str:
         """Send ``payload`` (any JSON value) to ``to`` (DID or display name); returns the message id.
 
         The first message to a peer fetches its pre-key bundle and sends a KNOCK first.
@@ -565,7 +666,8 @@ class MeshClient:
                 )
             await self._apply(step)
         async with self._lock:
-            step, mid = self.protocol.send(did, payload, self._clock(), self._random)
+            step, mid = self.protocol.send(did, payload, self._clock(), self._random, message_id=message_id)
+            self._persist(step, [])  # the advanced sending chain is durable before the frame leaves
         for frame in step.frames:
             await transport.send(frame)
         return mid
@@ -586,14 +688,28 @@ class MeshClient:
     # inbox
     # ------------------------------------------------------------------------------
 
-    async def messages(self) -> AsyncIterator[InboundMessage]:
-        """Consume messages forever, in arrival order."""
+    # Consumption: the in-memory inbox hands each message out once per process; the durable
+    # copy is deleted only when it is consumed.  ``consume=False`` plus :meth:`consume` after
+    # handling gives at-least-once delivery across crashes (with stable message ids).
+
+    def consume(self, *messages: InboundMessage | str) -> None:
+        """Mark messages (or message ids) handled: they will not be redelivered after a restart."""
+        if self.store is not None and self.store.db_open:
+            self.store.consume(m if isinstance(m, str) else m.message_id for m in messages)
+
+    async def messages(self, *, consume: bool = True) -> AsyncIterator[InboundMessage]:
+        """Messages forever, in arrival order (consumed as they are yielded unless ``consume=False``)."""
         async for msg in self.inbox:
+            if consume:
+                self.consume(msg)
             yield msg
 
-    def drain(self) -> list[InboundMessage]:
+    def drain(self, *, consume: bool = True) -> list[InboundMessage]:
         """Remove and return every waiting message without blocking."""
-        return self.inbox.drain()
+        out = self.inbox.drain()
+        if consume and out:
+            self.consume(*out)
+        return out
 
     async def wait_for(
         self,
@@ -601,24 +717,29 @@ class MeshClient:
         from_: str | None = None,
         timeout: float | None = None,
         predicate: Callable[[InboundMessage], bool] | None = None,
+        consume: bool = True,
     ) -> InboundMessage:
-        """Wait for (and consume) the first message from ``from_`` (DID or display name).
+        """Wait for the first message from ``from_`` (a DID or an exact display name).
+
+        Other messages stay in the inbox, in order.
 
         Raises:
             TimeoutError: nothing matched within ``timeout`` seconds.
+            PeerNotFoundError: ``from_`` is a name that no registered agent has.
         """
         senders: set[str] | None = None
         if from_ is not None:
-            senders = {await self.resolve(from_)} if not is_mesh_did(from_) else {from_}
-            if from_.startswith("did:"):
-                senders = {from_}
+            senders = {from_} if from_.startswith("did:") else {await self.resolve(from_)}
 
         def match(m: InboundMessage) -> bool:
             if senders is not None and m.sender not in senders:
                 return False
             return predicate is None or predicate(m)
 
-        return await self.inbox.get(match, timeout)
+        msg = await self.inbox.get(match, timeout)
+        if consume:
+            self.consume(msg)
+        return msg
 
     def sessions(self) -> list[dict[str, Any]]:
         """A summary of every session (counters only, no key material)."""

@@ -79,7 +79,10 @@ class Inbox:
             keep = [m for m in self._items if not predicate(m)]
             self._items = collections.deque(keep)
         if out:
-            asyncio.get_running_loop().create_task(self.notify())
+            try:
+                asyncio.get_running_loop().create_task(self.notify())
+            except RuntimeError:  # no running loop: nobody can be waiting
+                pass
         return out
 
     async def get(
