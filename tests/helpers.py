@@ -1,4 +1,5 @@
-"""Shared test helpers: a deterministic random source and ready-made sessions.
+"""Shared test helpers: a deterministic random source, ready-made sessions and an
+in-memory mesh (:class:`Net` of :class:`Agent` s) for the sans-I/O protocol.
 
 Nothing here touches global random state: every random byte a test uses comes from a
 :class:`Drbg` seeded by a label, so failures reproduce exactly.
@@ -7,13 +8,22 @@ Nothing here touches global random state: every random byte a test uses comes fr
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
 import struct
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
+from agt_mesh.core.events import KnockDecision, MessageReceived
 from agt_mesh.core.identity import Identity
+from agt_mesh.core.protocol import MeshProtocol, ProtocolConfig, Step
 from agt_mesh.core.ratchet import DoubleRatchet
+from agt_mesh.core.session import PeerSession
 from agt_mesh.core.x3dh import (
     KdfProfile,
+    PreKeyBundle,
     PreKeyStore,
     channel_ad,
     initiate,
@@ -114,3 +124,186 @@ def flip(data: bytes, index: int, mask: int = 0x01) -> bytes:
     out = bytearray(data)
     out[index] ^= mask
     return bytes(out)
+
+
+# --------------------------------------------------------------------------------------
+# an in-memory mesh for MeshProtocol tests (no relay, no sockets, no clock)
+# --------------------------------------------------------------------------------------
+
+#: A fixed start time (2023-11-14T22:13:20Z) for the fake clock.
+T0 = 1_700_000_000.0
+
+
+def wire(frame: Any) -> Any:
+    """``frame`` as the peer sees it after a trip through JSON text (the relay)."""
+    return json.loads(json.dumps(frame))
+
+
+def fake_did(i: int) -> str:
+    """A well-formed ``did:mesh:`` DID that belongs to nobody."""
+    return f"did:mesh:{i:032x}"
+
+
+class Agent:
+    """One :class:`~agt_mesh.core.protocol.MeshProtocol` with its pre-keys, ids and policy.
+
+    ``policy`` decides ``KnockDecision`` events as they appear: ``True``/``False`` resolve
+    the KNOCK at once (in the same :class:`Step`), ``None`` leaves it pending.
+    ``log`` keeps every step this agent produced, in order.
+    """
+
+    def __init__(
+        self,
+        net: Net,
+        label: str,
+        *,
+        otks: int = 20,
+        store_label: str | None = None,
+        store: PreKeyStore | None = None,
+        **config: Any,
+    ) -> None:
+        self.net = net
+        self.label = label
+        self.identity = identity(label)
+        self.rng = Drbg(f"agent/{store_label or label}")
+        if store is None:
+            store = PreKeyStore(self.identity)
+            store.generate_signed_pre_key(self.rng)
+            store.generate_one_time_pre_keys(otks, self.rng)
+        self.store = store
+        self._handed_out: set[int] = set()
+        self._ids = itertools.count()
+        # message ids are unique across restarts (they are UUIDs in real life)
+        incarnation = net.incarnations[label] = net.incarnations.get(label, 0) + 1
+        self._id_prefix = label if incarnation == 1 else f"{label}#{incarnation}"
+        self.policy: Callable[[KnockDecision], bool | None] = lambda decision: True
+        self.decisions: list[KnockDecision] = []
+        self.log: list[Step] = []
+        self.proto = MeshProtocol(ProtocolConfig(did=self.identity.did, **config), self.store, new_id=self.new_id)
+
+    def new_id(self) -> str:
+        return f"{self._id_prefix}-{next(self._ids)}"
+
+    @property
+    def did(self) -> str:
+        return self.identity.did
+
+    def session(self, peer: Agent | str) -> PeerSession:
+        return self.proto.sessions[_did(peer)]
+
+    def primary_bytes(self, peer: Agent | str) -> bytes:
+        primary = self.session(peer).primary
+        assert primary is not None
+        return primary.to_bytes()
+
+    def bundle(self, *, otk: bool = True) -> PreKeyBundle:
+        """Our bundle as the registry would hand it out (each one-time pre-key once)."""
+        otk_id = None
+        if otk:
+            free = [k.key_id for k in self.store.one_time_pre_keys if k.key_id not in self._handed_out]
+            otk_id = free[0]
+            self._handed_out.add(otk_id)
+        return self.store.public_bundle(otk_id)
+
+    def _record(self, step: Step) -> Step:
+        self.log.append(step)
+        return step
+
+    def establish(self, peer: Agent, bundle: PreKeyBundle | None = None, **kwargs: Any) -> Step:
+        bundle = bundle if bundle is not None else peer.bundle()
+        return self._record(self.proto.establish(peer.did, bundle, self.net.now, self.rng, **kwargs))
+
+    def send(self, peer: Agent | str, payload: Any, **kwargs: Any) -> tuple[Step, str]:
+        step, mid = self.proto.send(_did(peer), payload, self.net.now, self.rng, **kwargs)
+        return self._record(step), mid
+
+    def send_frame(self, peer: Agent | str, payload: Any) -> dict[str, Any]:
+        """Encrypt one message that can be sent right away and return its frame."""
+        step, _ = self.send(peer, payload)
+        (frame,) = step.frames
+        return frame
+
+    def _decide(self, step: Step) -> Step:
+        for event in list(step.events):
+            if isinstance(event, KnockDecision):
+                self.decisions.append(event)
+                verdict = self.policy(event)
+                if verdict is not None:
+                    step.extend(self.proto.resolve_knock(event.knock_id, verdict, self.net.now, self.rng))
+        return step
+
+    def receive(self, frame: Any, *, raw: bool = False) -> Step:
+        """One inbound frame, as decoded JSON after the trip through the relay
+        (``raw``: exactly ``frame``, for values JSON text cannot carry)."""
+        obj = frame if raw else wire(frame)
+        return self._record(self._decide(self.proto.receive(obj, self.net.now, self.rng)))
+
+    def receive_text(self, text: str | bytes, *, max_bytes: int = 1 << 20) -> Step:
+        return self._record(self._decide(self.proto.receive_text(text, self.net.now, self.rng, max_bytes=max_bytes)))
+
+    def resolve(self, knock_id: str, accept: bool) -> Step:
+        return self._record(self.proto.resolve_knock(knock_id, accept, self.net.now, self.rng))
+
+    def tick(self) -> Step:
+        return self._record(self._decide(self.proto.tick(self.net.now, self.rng)))
+
+
+def _did(peer: Agent | str) -> str:
+    return peer if isinstance(peer, str) else peer.did
+
+
+class Net:
+    """The fake clock and the agents; :meth:`route` plays the relay (in order, no loss)."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+        self.agents: dict[str, Agent] = {}
+        self.incarnations: dict[str, int] = {}
+        #: frames addressed to nobody we know (dropped by the relay)
+        self.undeliverable: list[dict[str, Any]] = []
+
+    def agent(self, label: str, **kwargs: Any) -> Agent:
+        agent = Agent(self, label, **kwargs)
+        self.agents[agent.did] = agent
+        return agent
+
+    def replace(self, agent: Agent) -> None:
+        """Make ``agent`` the one that receives frames for its DID (after a restart)."""
+        self.agents[agent.did] = agent
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+    def route(self, frames: Iterable[dict[str, Any]]) -> dict[str, Step]:
+        """Deliver frames (and every frame they cause) FIFO; returns one merged step per DID."""
+        queue = deque(frames)
+        out: dict[str, Step] = {}
+        while queue:
+            frame = queue.popleft()
+            target = self.agents.get(frame.get("to", ""))
+            if target is None:
+                self.undeliverable.append(frame)
+                continue
+            step = target.receive(frame)
+            out.setdefault(target.did, Step()).extend(step)
+            queue.extend(step.frames)
+        return out
+
+    def connect(self, a: Agent, b: Agent, *, profile: KdfProfile | None = None) -> None:
+        """``a`` establishes to ``b`` and both exchange one message (both sides verified)."""
+        first = a.establish(b, profile=profile)
+        frame = a.send_frame(b, "hello")
+        delivered = self.route([*first.frames, frame])
+        assert received(delivered[b.did]) == ["hello"]
+        reply = b.send_frame(a, "hello back")
+        assert received(self.route([reply])[a.did]) == ["hello back"]
+
+
+def received(step: Step) -> list[Any]:
+    """Payloads of the ``MessageReceived`` events of a step."""
+    return [e.payload for e in step.events if isinstance(e, MessageReceived)]
+
+
+def events_of(step: Step, kind: type) -> list[Any]:
+    return [e for e in step.events if isinstance(e, kind)]

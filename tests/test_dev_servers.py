@@ -125,7 +125,8 @@ async def online_with_pushed(url: str, ident: Identity, **kw: Any) -> tuple[Clie
 
 @pytest.fixture
 async def relay() -> AsyncIterator[DevRelay]:
-    async with DevRelay() as r:
+    # AGT semantics (a live-delivered frame is not kept) so these tests compare like for like
+    async with DevRelay(hold_until_ack=False) as r:
         yield r
 
 
@@ -454,7 +455,7 @@ async def test_idle_timeout_closes_4004(alice: Identity) -> None:
 
 
 async def test_stale_recipient_gets_frames_stored(alice: Identity, bob: Identity) -> None:
-    async with DevRelay(stale_after=0.3) as relay:
+    async with DevRelay(stale_after=0.3, hold_until_ack=False) as relay:
         a = await online(relay.ws_url, alice)
         b = await online(relay.ws_url, bob)
         await asyncio.sleep(0.45)  # bob sends no heartbeat: stale
@@ -506,7 +507,7 @@ async def test_reorder_window_reverses_batches(alice: Identity, bob: Identity) -
 
 async def test_unsent_frames_of_a_replaced_session_are_rerouted(alice: Identity, bob: Identity) -> None:
     # A long reorder hold keeps frames queued on bob's first socket when it is replaced.
-    async with DevRelay(reorder_window=10, reorder_hold=5.0) as relay:
+    async with DevRelay(reorder_window=10, reorder_hold=5.0, hold_until_ack=False) as relay:
         a = await online(relay.ws_url, alice)
         old = await online(relay.ws_url, bob)
         await a.send(msg(alice.did, bob.did, "queued"))
@@ -992,3 +993,21 @@ def test_main_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--idle-timeout", "0"]) == 2
     with pytest.raises(SystemExit):
         main(["--bogus"])
+
+
+async def test_hold_until_ack_redelivers_frames_a_dead_recipient_never_read(alice: Identity, bob: Identity) -> None:
+    """With the default hold_until_ack, a frame written live but never acked comes back."""
+    async with DevRelay() as relay:
+        a = await online(relay.ws_url, alice)
+        b = await online(relay.ws_url, bob)
+        await a.send(msg(alice.did, bob.did, "live-1", "message"))
+        assert (await recv_json(b))["id"] == "live-1"
+        assert relay.stored_count(bob.did) == 1  # kept until acked
+        await b.close()  # "crashed" before acking
+        b2, pushed = await online_with_pushed(relay.ws_url, bob)
+        assert [f["id"] for f in pushed] == ["live-1"]
+        await b2.send(json.dumps({"v": 1, "type": "ack", "id": "live-1"}))
+        await asyncio.sleep(0.1)
+        assert relay.stored_count(bob.did) == 0
+        await a.close()
+        await b2.close()

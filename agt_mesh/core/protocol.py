@@ -404,20 +404,23 @@ class MeshProtocol:
     # -- KNOCK ------------------------------------------------------------------------
 
     def _on_knock(self, f: fr.KnockFrame, now: float, step: Step) -> None:
-        step.acks.append(f.id)  # KNOCKs are handled once; stop the relay replaying them
-        if f.id in self._seen_knocks or f.id in self._pending_knocks:
+        # A KNOCK is acknowledged once its verdict is recorded (resolve_knock), so a crash
+        # before that makes the relay redeliver it; replays are acknowledged at once.
+        if f.id in self._pending_knocks:
             return
-        self._seen_knocks[f.id] = None
-        if len(self._seen_knocks) > self.config.dedupe_window:
-            self._seen_knocks.popitem(last=False)
+        if f.id in self._seen_knocks:
+            step.acks.append(f.id)
+            return
         session = self.sessions.get(f.from_did)
         if (
             session is not None
             and f.establishment is not None
             and session.knows_knock(f.establishment.ephemeral_public_key)
         ):
+            step.acks.append(f.id)
             return  # a replay of the KNOCK that made this session
         if len(self._pending_knocks) >= _MAX_PENDING_KNOCKS:
+            step.acks.append(f.id)
             step.events.append(ErrorEvent("knock", f.from_did, "too many KNOCKs awaiting a verdict — dropped", f.id))
             return
         self._pending_knocks[f.id] = _PendingKnock(f, now + self.config.knock_timeout)
@@ -443,6 +446,10 @@ class MeshProtocol:
         f = pending.frame
         peer = f.from_did
         ts = fr.iso_timestamp(now)
+        step.acks.append(f.id)
+        self._seen_knocks[f.id] = None
+        if len(self._seen_knocks) > self.config.dedupe_window:
+            self._seen_knocks.popitem(last=False)
         if accept and f.establishment_error is not None:
             step.events.append(
                 ErrorEvent(
@@ -506,6 +513,7 @@ class MeshProtocol:
         if f.accepted:
             if session is not None:
                 session.accepted = True
+                session.pending_knock = None
                 step.changed.add(peer)
             step.events.append(KnockAccepted(peer))
             return
@@ -568,7 +576,8 @@ class MeshProtocol:
         self.sessions[peer] = session
         step = Step(changed={peer})
         ts = fr.iso_timestamp(now)
-        step.frames.append(fr.knock_frame(self.did, peer, self._new_id(), ts, init.establishment))
+        session.pending_knock = fr.knock_frame(self.did, peer, self._new_id(), ts, init.establishment)
+        step.frames.append(session.pending_knock)
         step.events.append(SessionEstablished(peer, "initiator", prof.value))
         if resync:
             step.frames.append(self._encrypt_frame(session, peer, _RESYNC_PAYLOAD, now, random, self._new_id()))
@@ -635,6 +644,10 @@ class MeshProtocol:
             mid, payload = queue.popleft()
             step.frames.append(self._encrypt_frame(session, peer, payload, now, random, mid))
             step.changed.add(peer)
+
+    def unanswered_knocks(self) -> list[dict[str, Any]]:
+        """Our KNOCK frames that no reply or message has confirmed yet (re-send after reconnecting)."""
+        return [s.pending_knock for s in self.sessions.values() if s.pending_knock is not None and not s.accepted]
 
     def queued(self, peer: str) -> int:
         """Messages waiting for the peer's first message before they can be encrypted."""

@@ -15,6 +15,7 @@ never state.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,9 @@ class PeerSession:
     failures: int = 0
     last_activity: float = 0.0
     establishment_ek: bytes = b""
+    #: our KNOCK frame while the peer has neither accepted it nor answered through the
+    #: session: re-sent after a reconnect or restart, in case it never reached the relay
+    pending_knock: dict[str, Any] | None = None
 
     @property
     def can_send(self) -> bool:
@@ -105,6 +109,7 @@ class PeerSession:
                 first_error = exc
             else:
                 self.verified = True
+                self.pending_knock = None
                 return DecryptOutcome(pt, "primary")
         for cand in list(self.candidates):
             try:
@@ -173,6 +178,7 @@ class PeerSession:
                 self.failures,
                 self.last_activity,
                 self.establishment_ek,
+                json.dumps(self.pending_knock) if self.pending_knock is not None else None,
             ],
             use_bin_type=True,
         )
@@ -188,7 +194,7 @@ class PeerSession:
             obj = msgpack.unpackb(data, raw=False)
         except Exception:
             raise MeshStateError("session state is not valid msgpack") from None
-        if not isinstance(obj, list) or not obj or obj[0] != SESSION_STATE_VERSION or len(obj) != 12:
+        if not isinstance(obj, list) or not obj or obj[0] != SESSION_STATE_VERSION or len(obj) != 13:
             raise MeshStateError("session state has an unknown version or layout")
         try:
             (
@@ -204,7 +210,11 @@ class PeerSession:
                 failures,
                 last,
                 ek,
+                knock,
             ) = obj
+            pending = json.loads(knock) if knock is not None else None
+            if pending is not None and not isinstance(pending, dict):
+                raise ValueError("pending knock")
             return cls(
                 peer=str(peer),
                 role=str(role),
@@ -217,6 +227,7 @@ class PeerSession:
                 failures=int(failures),
                 last_activity=float(last),
                 establishment_ek=bytes(ek),
+                pending_knock=pending,
             )
         except MeshStateError:
             raise

@@ -609,6 +609,11 @@ class DevRelay:
             ``reorder_hold`` seconds after its first frame was queued.
         reorder_hold: see ``reorder_window``.
         ping_interval, ping_timeout: WebSocket keepalive (uvicorn's defaults, 20 s).
+        hold_until_ack: also keep live-delivered frames stored until the recipient acks
+            them, and push them again when it reconnects (at-least-once delivery).  AGT
+            relays drop a frame once it is written to the socket, so a recipient that
+            dies before reading it loses it; this relay does not.  ``False`` gives the
+            AGT behaviour.
     """
 
     def __init__(
@@ -631,6 +636,7 @@ class DevRelay:
         reorder_hold: float = 0.05,
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
+        hold_until_ack: bool = True,
     ) -> None:
         if connect_timeout <= 0 or idle_timeout <= 0:
             raise ValueError("connect_timeout and idle_timeout must be positive")
@@ -653,6 +659,7 @@ class DevRelay:
         self.max_frame_bytes = max_frame_bytes
         self.max_outbox = max_outbox
         self.knock_delay = knock_delay
+        self.hold_until_ack = hold_until_ack
         self.reorder_window = reorder_window
         self.reorder_hold = reorder_hold
         self._ping_interval = ping_interval
@@ -836,6 +843,8 @@ class DevRelay:
         """Queue a frame for live delivery, or store it if the recipient is not reachable."""
         conn = self.state.live(recipient)
         if conn is not None and not conn.closed and len(conn.outbox) < self.max_outbox:
+            if self.hold_until_ack:
+                self.state.store(recipient, frame_id, text)
             conn.push(_Out(_Kind.LIVE, text, frame_id))
             return
         self.state.store(recipient, frame_id, text)

@@ -345,6 +345,7 @@ class MeshClient:
                     reconnect=self.reconnect,
                     clock=self._clock,
                     on_disconnect=self._on_transport_disconnect,
+                    on_connect=self._on_transport_connect,
                     on_error=self._on_transport_error,
                 )
             if self._processor is None or self._processor.done():
@@ -613,6 +614,10 @@ class MeshClient:
                 step = self.protocol.tick(self._clock(), self._random)
             if step.frames or step.events or step.acks:
                 await self._apply(step)
+
+    async def _on_transport_connect(self) -> None:
+        for frame in self.protocol.unanswered_knocks():
+            await self._send_frame(frame)
 
     async def _on_transport_disconnect(self, reason: str, code: int | None) -> None:
         for hook in list(self._disconnect_hooks):

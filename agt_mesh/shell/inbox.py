@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,10 +80,8 @@ class Inbox:
             keep = [m for m in self._items if not predicate(m)]
             self._items = collections.deque(keep)
         if out:
-            try:
+            with contextlib.suppress(RuntimeError):  # no running loop: nobody can be waiting
                 asyncio.get_running_loop().create_task(self.notify())
-            except RuntimeError:  # no running loop: nobody can be waiting
-                pass
         return out
 
     async def get(

@@ -1,0 +1,230 @@
+"""Durable state: restarts and SIGKILLs lose no session and no message."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from servers import ServerPair
+
+from agt_mesh.core.identity import Identity
+from agt_mesh.errors import MeshStateError
+from agt_mesh.shell.client import MeshClient
+from agt_mesh.shell.identity_file import save_identity
+from agt_mesh.shell.store import SCHEMA_VERSION, StateStore
+
+PEER = Path(__file__).with_name("durability_peer.py")
+
+
+def _state_dir(tmp: Path, name: str) -> tuple[Path, Identity]:
+    d = tmp / name
+    d.mkdir(mode=0o700)
+    ident = Identity.generate(os.urandom)
+    save_identity(d / "identity.json", ident)
+    return d, ident
+
+
+@pytest.fixture(scope="module", params=["dev", "agt-5.0.0"])
+def servers(request: pytest.FixtureRequest) -> Iterator[ServerPair]:
+    pair = ServerPair(request.param).start()
+    yield pair
+    pair.stop()
+
+
+class Proc:
+    """A durability_peer.py process whose stdout is read line by line."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.args = args
+        self.lines: list[str] = []
+        self.proc: subprocess.Popen[str] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(PEER), *self.args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.starts += 1
+
+    def wait_for(self, prefix: str, timeout: float) -> str:
+        assert self.proc is not None and self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"process ended before {prefix!r}: {self.lines[-20:]}")
+            self.lines.append(line.rstrip())
+            if line.startswith(prefix):
+                return line.rstrip()
+        raise AssertionError(f"timed out waiting for {prefix!r}: {self.lines[-20:]}")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        assert self.proc.stdout is not None
+        self.lines.extend(line.rstrip() for line in self.proc.stdout.readlines())
+
+    def finish(self, timeout: float) -> None:
+        self.wait_for("DONE", timeout)
+        assert self.proc is not None
+        self.proc.wait(timeout=30)
+        assert self.proc.stdout is not None
+        self.lines.extend(line.rstrip() for line in self.proc.stdout.readlines())
+
+    def errors(self) -> list[str]:
+        return [line for line in self.lines if line.startswith("ERROR") and " relay " not in f" {line} "]
+
+    def session_eks(self) -> set[str]:
+        return {line.split()[1] for line in self.lines if line.split()[:1] in (["READY"], ["DONE"])} - {"-"}
+
+
+@pytest.mark.parametrize("victim", ["recv", "send"])
+def test_sigkill_five_times_loses_nothing(tmp_path: Path, servers: ServerPair, victim: str) -> None:
+    count = 500
+    rdir, rid = _state_dir(tmp_path, "receiver")
+    sdir, _ = _state_dir(tmp_path, "sender")
+    out, progress = tmp_path / "received.jsonl", tmp_path / "sent.txt"
+    recv = Proc(["recv", str(rdir), servers.relay_url, servers.registry_url, str(out), str(count)])
+    send = Proc(["send", str(sdir), servers.relay_url, servers.registry_url, str(progress), str(count),
+                 rid.did, os.urandom(8).hex()])
+    recv.start()
+    recv.wait_for("READY", 30)  # registered, pre-keys published
+    send.start()
+    send.wait_for("READY", 30)
+    target = recv if victim == "recv" else send
+    rng = random.Random()
+    for _ in range(5):
+        time.sleep(rng.uniform(0.15, 0.6))
+        target.kill()
+        target.start()
+        target.wait_for("READY", 30)
+    send.finish(120)
+    recv.finish(120)
+
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["payload"]["i"] for r in records] == list(range(count)), "every message exactly once, in order"
+    assert len({r["id"] for r in records}) == count
+    assert send.errors() == [], "the sender noticed something"
+    assert [e for e in recv.errors() if "duplicate" not in e] == []
+    assert len(send.session_eks()) == 1 and send.session_eks() == recv.session_eks(), "session re-established"
+    assert target.starts == 6
+
+
+async def test_both_peers_restart_mid_conversation_without_reknock(tmp_path: Path, servers: ServerPair) -> None:
+    adir, aid = _state_dir(tmp_path, "a")
+    bdir, bid = _state_dir(tmp_path, "b")
+
+    def client(d: Path) -> MeshClient:
+        return MeshClient(d / "identity.json", relay_url=servers.relay_url, registry_url=servers.registry_url)
+
+    a, b = client(adir), client(bdir)
+    async with a, b:
+        for i in range(5):
+            await a.send(bid.did, {"a": i})
+            assert (await b.wait_for(timeout=10)).payload == {"a": i}
+            await b.send(aid.did, {"b": i})
+            assert (await a.wait_for(timeout=10)).payload == {"b": i}
+        ek = a.protocol.sessions[bid.did].establishment_ek
+        a_uploads = a.uploaded_otks
+    # both processes "restart": brand-new clients on the same state directories
+    a2, b2 = client(adir), client(bdir)
+    knocks: list[str] = []
+    async with a2, b2:
+        b2.protocol_knocks = knocks  # type: ignore[attr-defined]
+        assert a2.protocol.sessions[bid.did].establishment_ek == ek
+        assert a2.uploaded_otks == 0 and a_uploads > 0  # no new pre-key upload
+        await a2.send(bid.did, "after restart")
+        got = await b2.wait_for(timeout=10)
+        assert got.payload == "after restart"
+        await b2.send(aid.did, "me too")
+        assert (await a2.wait_for(timeout=10)).payload == "me too"
+        assert a2.protocol.sessions[bid.did].establishment_ek == ek
+        assert b2.protocol.sessions[aid.did].establishment_ek == ek
+        assert a2.protocol.unanswered_knocks() == []
+
+
+async def test_unconsumed_messages_survive_an_app_crash(tmp_path: Path, servers: ServerPair) -> None:
+    adir, aid = _state_dir(tmp_path, "a")
+    bdir, bid = _state_dir(tmp_path, "b")
+    a = MeshClient(adir / "identity.json", relay_url=servers.relay_url, registry_url=servers.registry_url)
+    b = MeshClient(bdir / "identity.json", relay_url=servers.relay_url, registry_url=servers.registry_url)
+    async with a, b:
+        await a.send(bid.did, "handle me")
+        await a.send(bid.did, "and me")
+        first = await b.wait_for(timeout=10, consume=False)  # seen, but the app "crashes" before consuming
+        assert first.payload == "handle me"
+        second = await b.wait_for(timeout=10)  # consumed
+        assert second.payload == "and me"
+    b2 = MeshClient(bdir / "identity.json", relay_url=servers.relay_url, registry_url=servers.registry_url)
+    async with b2:
+        again = await b2.wait_for(timeout=5)
+        assert (again.message_id, again.payload) == (first.message_id, "handle me")
+        await asyncio.sleep(0.3)
+        assert b2.drain() == []
+
+
+def test_corrupted_or_truncated_store_is_refused(tmp_path: Path) -> None:
+    d, ident = _state_dir(tmp_path, "x")
+    with StateStore(d, did=ident.did) as store:
+        store.set_meta("probe", "1")
+    db = d / "state.db"
+    data = db.read_bytes()
+    db.write_bytes(data[:100])  # truncated
+    with pytest.raises(MeshStateError, match="corrupted or truncated"):
+        StateStore(d, did=ident.did).open()
+    db.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(MeshStateError, match="corrupted or truncated"):
+        StateStore(d, did=ident.did).open()
+    assert (d / "identity.json").exists()  # never replaced by a fresh identity
+
+
+def test_store_permissions_and_ownership(tmp_path: Path) -> None:
+    d, ident = _state_dir(tmp_path, "p")
+    with StateStore(d, did=ident.did):
+        pass
+    assert (d / "state.db").stat().st_mode & 0o777 == 0o600
+    os.chmod(d, 0o777)
+    with pytest.raises(MeshStateError, match="chmod 700"):
+        StateStore(d, did=ident.did).open()
+    os.chmod(d, 0o700)
+    os.chmod(d / "state.db", 0o644)
+    with pytest.raises(MeshStateError, match="chmod 600"):
+        StateStore(d, did=ident.did).open()
+    os.chmod(d / "state.db", 0o600)
+    with pytest.raises(MeshStateError, match="belongs to"):
+        StateStore(d, did="did:mesh:" + "0" * 32).open()
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    d, ident = _state_dir(tmp_path, "n")
+    with StateStore(d, did=ident.did):
+        pass
+    con = sqlite3.connect(d / "state.db")
+    con.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    con.commit()
+    con.close()
+    with pytest.raises(MeshStateError, match="newer than this SDK"):
+        StateStore(d, did=ident.did).open()
+
+
+def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
+    d, ident = _state_dir(tmp_path, "f")
+    fd = os.open(d / "state.db", os.O_CREAT | os.O_WRONLY, 0o600)
+    os.close(fd)
+    con = sqlite3.connect(d / "state.db")
+    con.execute("CREATE TABLE something_else (x)")
+    con.commit()
+    con.close()
+    with pytest.raises(MeshStateError, match="not an agt-mesh state store"):
+        StateStore(d, did=ident.did).open()
