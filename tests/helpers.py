@@ -165,7 +165,10 @@ class Agent:
         self.net = net
         self.label = label
         self.identity = identity(label)
-        self.rng = Drbg(f"agent/{store_label or label}")
+        # a restarted agent must not replay the random stream of its previous incarnation
+        incarnation = net.incarnations[label] = net.incarnations.get(label, 0) + 1
+        suffix = "" if incarnation == 1 else f"#{incarnation}"
+        self.rng = Drbg(f"agent/{store_label or label}{suffix}")
         if store is None:
             store = PreKeyStore(self.identity)
             store.generate_signed_pre_key(self.rng)
@@ -174,8 +177,7 @@ class Agent:
         self._handed_out: set[int] = set()
         self._ids = itertools.count()
         # message ids are unique across restarts (they are UUIDs in real life)
-        incarnation = net.incarnations[label] = net.incarnations.get(label, 0) + 1
-        self._id_prefix = label if incarnation == 1 else f"{label}#{incarnation}"
+        self._id_prefix = label + suffix
         self.policy: Callable[[KnockDecision], bool | None] = lambda decision: True
         self.decisions: list[KnockDecision] = []
         self.log: list[Step] = []

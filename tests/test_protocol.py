@@ -43,7 +43,7 @@ from agt_mesh.core.events import (
 from agt_mesh.core.primitives import x25519_public
 from agt_mesh.core.protocol import CONTROL_KEY, MeshProtocol, ProtocolConfig
 from agt_mesh.core.session import MAX_CANDIDATES, PeerSession
-from agt_mesh.core.x3dh import KdfProfile
+from agt_mesh.core.x3dh import Establishment, KdfProfile
 from agt_mesh.errors import MeshConfigError, MeshProtocolError
 
 INTENT = {"action": "establish_session"}
@@ -129,11 +129,10 @@ def garbage_message(sender: str, to: str, frame_id: str, rng: Drbg, **extra: Any
     return frame
 
 
-def forged_knock(sender: str, to: str, frame_id: str, rng: Drbg) -> dict[str, Any]:
-    """A KNOCK with a fresh, valid-looking establishment (no one-time pre-key)."""
-    from agt_mesh.core.x3dh import Establishment
-
-    est = Establishment(x25519_public(rng(32)), x25519_public(rng(32)), None)
+def forged_knock(sender: str, to: str, frame_id: str, rng: Drbg, *, ik: bytes | None = None) -> dict[str, Any]:
+    """A KNOCK with a fresh, valid-looking establishment (no one-time pre-key); ``ik``
+    defaults to a random identity key."""
+    est = Establishment(ik or x25519_public(rng(32)), x25519_public(rng(32)), None)
     return fr.knock_frame(sender, to, frame_id, TS0, est)
 
 
@@ -1013,7 +1012,10 @@ def test_responder_queues_until_the_first_message() -> None:
     (queued,) = step.frames
     assert queued["type"] == "message" and queued["id"] == early_id and queued["to"] == a.did
     assert b.proto.queued(a.did) == 0
-    assert a.receive(queued).events == [E2EVerified(b.did, True), MessageReceived(b.did, "early bird", early_id, ts=TS0)]
+    assert a.receive(queued).events == [
+        E2EVerified(b.did, True),
+        MessageReceived(b.did, "early bird", early_id, ts=TS0),
+    ]
 
 
 def test_responder_outbox_is_bounded() -> None:
@@ -1149,7 +1151,9 @@ def test_unparseable_message_and_knock_are_acked() -> None:
     net = Net()
     b = net.agent("bob")
     step = b.receive({"type": "message", "from": "did:mesh:x", "id": "m-1", "ciphertext": "%%%"})
-    assert step.events == [ErrorEvent("frame", "did:mesh:x", "frame dropped: frame field 'ciphertext' is not valid base64", "m-1")]
+    assert step.events == [
+        ErrorEvent("frame", "did:mesh:x", "frame dropped: frame field 'ciphertext' is not valid base64", "m-1")
+    ]
     assert step.acks == ["m-1"]
     step = b.receive({"type": "knock", "id": "k-1", "from": 5})
     assert step.events == [ErrorEvent("frame", None, "frame dropped: frame field 'from' must be a string", "k-1")]
@@ -1293,8 +1297,8 @@ def test_rekey_flood_keeps_candidates_bounded() -> None:
     net.connect(a, b)
     before = b.primary_bytes(a)
     rng = Drbg("rekey-flood")
-    for i in range(25):
-        step = b.receive(forged_knock(a.did, b.did, f"fk-{i}", rng))
+    for i in range(25):  # Alice's real identity key, new ephemeral keys: each one a candidate
+        step = b.receive(forged_knock(a.did, b.did, f"fk-{i}", rng, ik=a.identity.x25519_public))
         assert [f["type"] for f in step.frames] == ["knock_accept"]
         assert len(b.session(a).candidates) <= MAX_CANDIDATES
     assert len(b.session(a).candidates) == MAX_CANDIDATES

@@ -207,6 +207,8 @@ class MeshClient:
         self._ticker: asyncio.Task[None] | None = None
         self._names: dict[str, str] = {}
         self._registered = False
+        #: optional tap called with every frame sent to the relay (diagnostics, demos)
+        self.frame_tap: Callable[[dict[str, Any]], None] | None = None
         self._inbound: asyncio.Queue[str] = asyncio.Queue(maxsize=1024)
         self._processor: asyncio.Task[None] | None = None
         self._replenishing = False
@@ -348,6 +350,7 @@ class MeshClient:
                     on_connect=self._on_transport_connect,
                     on_error=self._on_transport_error,
                 )
+            self._transport.on_send = self.frame_tap
             if self._processor is None or self._processor.done():
                 self._processor = asyncio.create_task(self._process_loop(), name="agt-mesh-inbound")
             await self._transport.connect()

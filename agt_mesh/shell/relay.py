@@ -142,6 +142,8 @@ class RelayTransport:
         self.last_close: tuple[int | None, str] | None = None
         self.fatal: Exception | None = None
         self.connect_count = 0
+        #: optional tap called with every frame we send (diagnostics, demos)
+        self.on_send: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def is_connected(self) -> bool:
@@ -332,6 +334,8 @@ class RelayTransport:
             await ws.send(fr.encode_frame(frame))
         except ConnectionClosed as exc:
             raise MeshTransportError(f"relay connection closed while sending: {exc}") from None
+        if self.on_send is not None:
+            self.on_send(frame)
 
     async def send_heartbeat(self) -> None:
         await self.send(fr.heartbeat_frame(self.did, fr.iso_timestamp(self._clock())))
