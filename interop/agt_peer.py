@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -41,11 +42,10 @@ warnings.filterwarnings("ignore")
 
 import httpx  # noqa: E402
 import websockets  # noqa: E402
-from nacl.signing import SigningKey  # noqa: E402
-
 from agentmesh.encryption.channel import ChannelEstablishment, SecureChannel  # noqa: E402
 from agentmesh.encryption.ratchet import EncryptedMessage, MessageHeader  # noqa: E402
 from agentmesh.encryption.x3dh import PreKeyBundle, X3DHKeyManager  # noqa: E402
+from nacl.signing import SigningKey  # noqa: E402
 
 log = logging.getLogger("agt_peer")
 
@@ -75,7 +75,7 @@ def b64u(data: bytes) -> str:
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat()
+    return dt.datetime.now(dt.UTC).isoformat()
 
 
 def compact(obj: Any) -> str:
@@ -157,7 +157,13 @@ class AgtPeer:
             ts = now_iso()
             pk = b64u(self.pub)
             proof = SigningKey(self.seed).sign((pk + ts).encode()).signature
-            body = {"public_key": pk, "proof": b64u(proof), "proof_timestamp": ts, "capabilities": caps, "metadata": meta}
+            body = {
+                "public_key": pk,
+                "proof": b64u(proof),
+                "proof_timestamp": ts,
+                "capabilities": caps,
+                "metadata": meta,
+            }
         else:
             body = {"did": self.did, "public_key": b64u(self.pub), "capabilities": caps, "metadata": meta}
         r = await self.http.post(self.cfg["registry"] + "/v1/agents", json=body)
@@ -273,16 +279,12 @@ class AgtPeer:
             self.hb.cancel()
             self.hb = None
         if ws is not None:
-            try:
+            with contextlib.suppress(Exception):
                 await ws.send(compact({"v": 1, "type": "disconnect", "from": self.did}))
-            except Exception:
-                pass
             await ws.close(1000, "client disconnect")
         if self.reader is not None:
-            try:
+            with contextlib.suppress(BaseException):
                 await asyncio.wait_for(self.reader, 5)
-            except BaseException:
-                pass
             self.reader = None
 
     # -- inbound ----------------------------------------------------------------------------
@@ -518,10 +520,8 @@ class AgtPeer:
                 got = [m["payload"] for m in self.inbox if sender in (None, m["from"])]
                 raise TimeoutError(f"timeout: {len(got)}/{n} messages from {sender or 'anyone'}", got)
             self.inbox_changed.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.inbox_changed.wait(), remaining)
-            except TimeoutError:
-                pass
         return {"payloads": self._take(sender, n)}
 
     async def cmd_drain(self, a: dict[str, Any]) -> dict[str, Any]:
@@ -553,7 +553,9 @@ class AgtPeer:
         return {
             "did": self.did,
             "connected": self.ws is not None,
-            "sessions": [{"peer": p, "role": s.role, "received": s.received, "sent": s.sent} for p, s in self.st.sessions.items()],
+            "sessions": [
+                {"peer": p, "role": s.role, "received": s.received, "sent": s.sent} for p, s in self.st.sessions.items()
+            ],
             "errors": self.errors,
             "knocks": self.knocks,
             "closes": self.closes,
@@ -594,7 +596,11 @@ async def handle(peer: AgtPeer, line: str) -> None:
         raise
     except Exception as exc:
         log.debug("command %s failed:\n%s", cmd, traceback.format_exc())
-        reply: dict[str, Any] = {"id": mid, "ok": False, "error": f"{type(exc).__name__}: {exc.args[0] if exc.args else exc}"}
+        reply: dict[str, Any] = {
+            "id": mid,
+            "ok": False,
+            "error": f"{type(exc).__name__}: {exc.args[0] if exc.args else exc}",
+        }
         if isinstance(exc, TimeoutError) and len(exc.args) > 1:
             reply["got"] = exc.args[1]
         emit(reply)

@@ -64,7 +64,9 @@ SCENARIOS = (
     "knock-overtaken",
     "out-of-order",
     "ts-restart",
+    "ts-restart-offline",
     "py-restart",
+    "py-state-loss",
     "policy-reject",
 )
 QUICK_SCENARIOS = ("hello", "ping-pong")
@@ -108,9 +110,14 @@ XFAIL_PY_RESTART = (
 
 
 def py_durable() -> bool:
-    """Whether this SDK's MeshClient has a durable store (sessions survive a restart)."""
+    """Whether this SDK's MeshClient has a durable store (sessions survive a restart).
+
+    ``INTEROP_PY_DURABLE=0`` runs the Python peers without it (``MeshClient(durable=False)``).
+    """
     from agt_mesh.shell.client import MeshClient
 
+    if os.environ.get("INTEROP_PY_DURABLE") == "0":
+        return False
     return "durable" in inspect.signature(MeshClient).parameters
 
 
@@ -231,12 +238,15 @@ class Peer:
         return len(self.events)
 
     def event_list(self, kind: str, since: int = 0, **match: Any) -> list[dict[str, Any]]:
-        return [
-            e for e in self.events[since:] if e["event"] == kind and all(e.get(k) == v for k, v in match.items())
-        ]
+        return [e for e in self.events[since:] if e["event"] == kind and all(e.get(k) == v for k, v in match.items())]
 
     def errors(self, *kinds: str, since: int = 0) -> list[dict[str, Any]]:
         return [e for e in self.events[since:] if e["event"] == "error" and (not kinds or e.get("kind") in kinds)]
+
+    def dump_events(self) -> None:
+        with (self.log.parent / f"{self.name}.events.jsonl").open("w") as fh:
+            for e in self.events:
+                fh.write(json.dumps(e, ensure_ascii=False) + "\n")
 
     async def close(self) -> None:
         if self.proc is None:
@@ -340,22 +350,45 @@ class Ctx:
             opts.setdefault("mode", "pop" if self.server != "agt-3.7.0" else "legacy")
         if spec.kind == "py":
             opts.setdefault("state_dir", str(self.logdir / "state"))
+            if os.environ.get("INTEROP_PY_DURABLE") == "0":
+                opts.setdefault("durable", False)
         p.info = await p.call("init", relay=pair.relay_url, registry=pair.registry_url, **opts)
         p.did = p.info["did"]
         if connect:
             await p.call("connect", timeout=30)
         return p
 
-    async def pair_of(self, *, pair: Any = None, b_extra: dict[str, Any] | None = None) -> tuple[Peer, Peer]:
+    async def pair_of(
+        self,
+        *,
+        pair: Any = None,
+        b_extra: dict[str, Any] | None = None,
+        order: str | None = None,
+    ) -> tuple[Peer, Peer]:
+        """Peers A and B of the job's cell, connected.  ``order="a<b"``/``"b<a"`` fixes
+        which DID sorts first (it decides agt_mesh's simultaneous-KNOCK tie-break)."""
         sa, sb = cell_specs(self.job.cell)
         assert sb is not None
+        seeds: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
+        if order is not None:
+            x, y = sorted((os.urandom(32) for _ in range(2)), key=did_of)
+            lo, hi = {"seed": x.hex()}, {"seed": y.hex()}
+            seeds = (lo, hi) if order == "a<b" else (hi, lo)
         a, b = await asyncio.gather(
-            self.peer(sa, "A", pair=pair), self.peer(sb, "B", pair=pair, **(b_extra or {}))
+            self.peer(sa, "A", pair=pair, **seeds[0]), self.peer(sb, "B", pair=pair, **seeds[1], **(b_extra or {}))
         )
         return a, b
 
     async def close(self) -> None:
         await asyncio.gather(*(p.close() for p in self.peers), return_exceptions=True)
+        for p in self.peers:
+            p.dump_events()
+
+
+def did_of(seed: bytes) -> str:
+    from agt_mesh.core.identity import Identity
+
+    return Identity.from_seed(seed).did
 
 
 SERIOUS = ("session_desync", "decrypt", "knock", "frame", "duplicate")
@@ -503,6 +536,7 @@ async def sc_ts_restart(ctx: Ctx) -> Outcome:
     a, b = await ctx.pair_of()
     await hello(a, b)
     t, p = (b, a) if b.kind == "ts" else (a, b)  # the TS peer restarts (the responder in ts-ts)
+    t_mark = t.mark()
     await t.call("restart", timeout=30)
     t_lost = time.monotonic()
     await p.send(t, {"to": "old session"})  # the restarted TS peer has no session for it
@@ -545,11 +579,69 @@ async def sc_ts_restart(ctx: Ctx) -> Outcome:
     errs = serious_errors(p)
     check(not errs, f"errors on our side: {errs}")
     t_errs = serious_errors(t)
-    check(not t_errs, f"errors on the TS side: {t_errs}")
+    replayed = len(t.event_list("knock", since=t_mark))  # p sent no new KNOCK: these are replays
+    check(
+        not t_errs,
+        f"errors on the TS side: {t_errs}"
+        + (
+            f" — the relay pushed {replayed} old KNOCK frame(s) to the restarted TS peer (TS 4.0.0 never acks "
+            "knock frames and this relay keeps frames until acked); TS built a stale responder session from "
+            "it and desynced on the next frame"
+            if replayed > 0
+            else ""
+        ),
+    )
     return Outcome(
         "pass",
         f"TS re-KNOCKed; {p.name} re-keyed (role {s.get('role')}), both directions continue; "
         "the 1 message sent to the old session was lost on the TS side (silently)",
+    )
+
+
+async def sc_ts_restart_offline(ctx: Ctx) -> Outcome:
+    """The TS peer restarts; we send while it is down (the relay stores the frame).
+
+    What happens (npm 4.0.0, wire.md §5.4): the restarted TS peer has no session for the
+    stored frame, buffers it, lets it expire and never acks it, so the relay keeps it and
+    pushes it again on every reconnect; once the TS peer holds a new session, each replay
+    tears that session down (session_desync).  Our side recovers every time the TS peer
+    KNOCKs again.
+    """
+    a, b = await ctx.pair_of()
+    await hello(a, b)
+    t, p = (b, a) if b.kind == "ts" else (a, b)
+    restart = asyncio.create_task(t.call("restart", timeout=30, pause=1.0))
+    await asyncio.sleep(0.4)
+    await p.send(t, {"stored": "while down"})
+    await restart
+    await asyncio.sleep(0.3)
+    await t.send(p, {"after": "restart"})  # TS KNOCKs again; we re-key
+    check(await p.expect(t, timeout=10) == [{"after": "restart"}], "TS's message after the restart missing")
+    await p.send(t, {"reply": 1})
+    check(await t.expect(p, timeout=10) == [{"reply": 1}], "reply on the new session missing")
+    # a network blip: the relay pushes the never-acked stored frame again
+    mark = t.mark()
+    await t.call("disconnect")
+    await asyncio.sleep(0.2)
+    await t.call("connect")
+    await asyncio.sleep(0.5)
+    desync = t.errors("session_desync", since=mark)
+    check(desync, f"{t.name}: the replayed stored frame did not tear the session down (errors {t.errors()})")
+    await p.send(t, {"lost": "after blip"})  # TS has no session now: buffered, expires
+    await asyncio.sleep(0.3)
+    await t.send(p, {"recover": True})  # TS KNOCKs again
+    check(await p.expect(t, timeout=10) == [{"recover": True}], "TS's message after the blip missing")
+    await p.send(t, {"reply": 2})
+    check(await t.expect(p, timeout=10) == [{"reply": 2}], "reply after recovery missing")
+    lost = await t.expect_none(p, 3.2)
+    check(lost == [], f"lost messages were delivered after all: {lost}")
+    errs = serious_errors(p)
+    check(not errs, f"errors on our side: {errs}")
+    return Outcome(
+        "pass",
+        f"lost on the TS side: the message stored while it was down and the one sent after the blip; "
+        f"the stored frame is never acked by TS and its replay on reconnect caused session_desync "
+        f"({desync[0]['detail']}); {p.name} re-keyed after each TS re-KNOCK",
     )
 
 
@@ -589,6 +681,56 @@ async def sc_py_restart(ctx: Ctx) -> Outcome:
         "xfail",
         f"lost: {lost}; afterwards delivered: {delivered}; errors: {serious_errors(x, o)[:4]}",
     )
+
+
+async def sc_py_state_loss(ctx: Ctx) -> Outcome:
+    """The Python peer restarts with its state directory lost (only identity.json survives).
+
+    The other side still holds the old session.  DIDs are chosen so that the restarted
+    Python peer's DID sorts first: the side that keeps its own session in agt_mesh's
+    simultaneous-KNOCK tie-break.
+    """
+    _sa, sb = cell_specs(ctx.job.cell)
+    x_role = "B" if sb is not None and sb.kind == "py" else "A"
+    a, b = await ctx.pair_of(order="b<a" if x_role == "B" else "a<b")
+    await hello(a, b)
+    x, o = (b, a) if x_role == "B" else (a, b)
+    await x.call("restart", timeout=30, wipe=True)
+    _x_mark, o_mark = x.mark(), o.mark()
+    # 1. o → x on the session x has forgotten: x buffers it, gives up after 3 s
+    await o.send(x, {"m": 1})
+    await asyncio.sleep(0.3)
+    # 2. x → o: x has no session, so it KNOCKs again
+    r = await x.send(o, {"m": 2})
+    check(r.get("established"), f"{x.name} did not re-KNOCK after losing its state")
+    got2 = await o.expect_none(x, 2.0) if o.kind != "py" else await o.expect(x, timeout=10)
+    lost = [] if got2 else [2]
+    if o.kind == "py":
+        check(got2 == [{"m": 2}], f"{o.name} got {got2}")
+    else:
+        # TS 4.0.0 (and the AGT peer, which mirrors it) ignore a KNOCK while they hold a session
+        check(got2 == [], f"{o.name} unexpectedly decrypted the re-KNOCKed message: {got2}")
+        check(o.errors("session_desync", since=o_mark), f"{o.name}: expected session_desync")
+    # 3. o → x: (ts/agt: o has torn its session down and KNOCKs again)
+    await o.send(x, {"m": 3})
+    got3 = await x.expect(o, timeout=10)
+    check(got3 == [{"m": 3}], f"{x.name} got {got3}")
+    # 4./5. both directions must work from here on
+    await x.send(o, {"m": 4})
+    got4 = await o.expect_none(x, 3.0)
+    check(
+        got4 == [{"m": 4}],
+        f"{o.name} did not get m4 ({got4}); errors: {serious_errors(o)[-2:]}; "
+        f"{x.name} session: {await py_session(x, o)}",
+    )
+    await o.send(x, {"m": 5})
+    check(await x.expect(o, timeout=10) == [{"m": 5}], "m5 missing")
+    await x.send(o, {"m": 6})
+    check(await o.expect(x, timeout=10) == [{"m": 6}], "m6 missing")
+    # m1 was sent to the forgotten session: never delivered
+    late = await x.expect_none(o, max(0.0, 3.5 - 0.3))
+    check({"m": 1} not in late, "m1 (sent to the forgotten session) was delivered")
+    return Outcome("pass", f"lost: m1{', m2' if lost else ''}; re-keyed, m3–m6 delivered both ways")
 
 
 async def sc_policy_reject(ctx: Ctx) -> Outcome:
@@ -667,7 +809,9 @@ SCENARIO_FUNCS: dict[str, Callable[[Ctx], Awaitable[Outcome]]] = {
     "knock-overtaken": sc_knock_overtaken,
     "out-of-order": sc_out_of_order,
     "ts-restart": sc_ts_restart,
+    "ts-restart-offline": sc_ts_restart_offline,
     "py-restart": sc_py_restart,
+    "py-state-loss": sc_py_state_loss,
     "policy-reject": sc_policy_reject,
 }
 
@@ -681,11 +825,15 @@ def plan(server: str, cell: str, scenario: str, durable: bool) -> tuple[str, str
     a, b = cell.split("-")
     if scenario in ("knock-overtaken", "out-of-order") and a == "ts" and server != "dev":
         return "n/a", "a TS sender writes its frames in order; only the dev relay's fault knobs reorder them"
+    if scenario == "ts-restart-offline" and (a, b) not in (("py", "ts"), ("ts", "py")):
+        return "n/a", "TS ↔ Python only (ts-ts is covered by ts-restart)"
     if scenario == "ts-restart":
         if "ts" not in (a, b):
             return "n/a", "no TS peer"
         if cell == "ts-ts":
             return "xfail", XFAIL_TS_TS_RESTART
+    if scenario == "py-state-loss" and "py" not in (a, b):
+        return "n/a", "no Python peer"
     if scenario == "py-restart":
         if "py" not in (a, b):
             return "n/a", "no Python peer"
@@ -734,7 +882,8 @@ async def run_job(job: Job, pairs: dict[str, Any], faults: dict[str, Any], root:
         job.ok = job.status == job.expected
         mark = "ok " if job.ok else "!! "
         print(
-            f"{mark}{job.server:10} {job.cell:8} {job.scenario:16} {job.status:6} {job.seconds:5.1f}s  {job.detail[:110]}",
+            f"{mark}{job.server:10} {job.cell:8} {job.scenario:16} {job.status:6} {job.seconds:5.1f}s  "
+            f"{job.detail[:110]}",
             file=sys.stderr,
             flush=True,
         )
@@ -857,11 +1006,17 @@ async def amain(args: argparse.Namespace) -> int:
     for j in jobs:
         counts[j.status] = counts.get(j.status, 0) + 1
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-    print(f"\n{len(jobs)} jobs: {summary}; {len(unexpected)} unexpected; servers up in {t_servers:.1f}s; total {total:.1f}s")
+    print(
+        f"\n{len(jobs)} jobs: {summary}; {len(unexpected)} unexpected; "
+        f"servers up in {t_servers:.1f}s; total {total:.1f}s"
+    )
     if unexpected:
         print("\nUnexpected results:")
         for j in unexpected:
-            print(f"- {j.server} {j.cell} {j.scenario}: {j.status} (expected {j.expected}): {j.detail}\n  logs: {j.logdir}")
+            print(
+                f"- {j.server} {j.cell} {j.scenario}: {j.status} (expected {j.expected}): {j.detail}\n"
+                f"  logs: {j.logdir}"
+            )
     xfails = sorted({(j.cell, j.scenario, j.reason) for j in jobs if j.expected == "xfail"})
     if xfails:
         print("\nExpected failures:")

@@ -213,6 +213,11 @@ class Peer:
             with contextlib.suppress(Exception):
                 await self.client.disconnect()
         self.restarts += 1
+        if a.get("wipe") and self.state_dir is not None:
+            # the disk is lost too: only the identity file survives
+            for f in self.state_dir.iterdir():
+                if f.name != "identity.json" and not f.name.startswith(".") and f.is_file():
+                    f.unlink()
         if a.get("pause"):
             await asyncio.sleep(float(a["pause"]))
         self.client = self._new_client()
@@ -237,9 +242,7 @@ class Peer:
         return {
             "did": client.did if client else None,
             "connected": bool(client and client.is_connected),
-            "sessions": [
-                {k: v for k, v in s.items() if k != "ratchet"} for s in (client.sessions() if client else [])
-            ],
+            "sessions": [{k: v for k, v in s.items() if k != "ratchet"} for s in (client.sessions() if client else [])],
             "errors": self.errors,
             "knocks": self.knocks,
             "disconnects": self.disconnects,
@@ -278,7 +281,11 @@ async def handle(peer: Peer, line: str) -> None:
         raise
     except Exception as exc:
         log.debug("command %s failed:\n%s", cmd, traceback.format_exc())
-        reply: dict[str, Any] = {"id": mid, "ok": False, "error": f"{type(exc).__name__}: {exc.args[0] if exc.args else exc}"}
+        reply: dict[str, Any] = {
+            "id": mid,
+            "ok": False,
+            "error": f"{type(exc).__name__}: {exc.args[0] if exc.args else exc}",
+        }
         if isinstance(exc, TimeoutError) and len(exc.args) > 1:
             reply["got"] = exc.args[1]
         emit(reply)

@@ -3,16 +3,11 @@
 Every test uses :class:`helpers.Net`: agents with real pre-key stores, a fake clock that
 only moves when told, deterministic randomness, and frames that make a JSON round trip
 between agents (as through a relay).  Steps are checked exactly: frames, events, acks.
-
-Tests marked ``xfail(strict=True)`` document SDK bugs found while writing this file (see
-each reason); they turn into failures (XPASS) once the bug is fixed, so the marker can be
-removed then.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 from typing import Any
 
 import pytest
@@ -36,7 +31,6 @@ from agt_mesh.core.events import (
     KnockRejected,
     MessageReceived,
     ResyncNeeded,
-    SessionDesync,
     SessionEstablished,
     SessionRekeyed,
 )
@@ -207,6 +201,8 @@ def test_happy_path_both_profiles(profile: KdfProfile) -> None:
     sb = b.session(a)
     assert sb.role == "responder" and sb.profile == profile and sb.verified and sb.candidates == []
 
+    assert mstep.ack_frames() == [{"v": 1, "type": "ack", "id": mid}]
+
     astep = a.receive(accept)
     assert astep.events == [KnockAccepted(b.did)] and astep.acks == [accept["id"]] and astep.frames == []
     assert a.session(b).accepted
@@ -226,6 +222,10 @@ def test_happy_path_both_profiles(profile: KdfProfile) -> None:
             assert got.events == [MessageReceived(s.did, {"i": i, "from": s.label}, mid, ts=TS0)]
             assert got.acks == [mid] and got.frames == []
     assert a.session(b).failures == b.session(a).failures == 0
+    (summary,) = b.proto.session_summaries()
+    assert summary["peer"] == a.did and summary["verified"] and summary["kdf_profile"] == profile.value
+    assert summary["ratchet"]["can_send"] and summary["ratchet"]["skipped_keys"] == 0
+    assert not any(isinstance(v, bytes) for v in summary.values())  # no key material
 
 
 @pytest.mark.parametrize("profile", BOTH, ids=lambda p: p.value)
@@ -410,6 +410,38 @@ def test_rejected_knock_acks_buffered_frames() -> None:
     assert b.proto.next_deadline() is None
 
 
+def test_frames_wait_for_a_slow_verdict_beyond_the_buffer_ttl() -> None:
+    net = Net()
+    a, b = net.agent("alice"), net.agent("bob")
+    b.policy = lambda decision: None
+    knock = a.establish(b).frames[0]
+    b.receive(knock)
+    m1, _ = a.send(b, "patience")
+    assert empty(b.receive(m1.frames[0]))
+    net.advance(3.1)
+    assert empty(b.tick())  # the verdict is still pending: keep waiting
+    net.advance(2.0)
+    assert received(b.resolve(knock["id"], True)) == ["patience"]
+
+
+def test_knock_without_establishment_is_accepted_but_makes_no_session() -> None:
+    """A pre-"patch 4b" TS peer KNOCKs without the X3DH establishment."""
+    net = Net()
+    a, b = net.agent("alice"), net.agent("bob")
+    knock = wire(a.establish(b).frames[0])
+    del knock["establishment"]
+    frame = a.send_frame(b, "lost")
+    assert empty(b.receive(frame))
+    step = b.receive(knock)
+    assert [f["type"] for f in step.frames] == ["knock_accept"]
+    assert step.events == [
+        KnockDecision(a.did, INTENT, knock["id"]),
+        ErrorEvent("decrypt", a.did, "no session for encrypted message — dropping", frame["id"]),
+    ]
+    assert step.acks == [knock["id"], frame["id"]]
+    assert a.did not in b.proto.sessions
+
+
 # --------------------------------------------------------------------------------------
 # 3. KNOCK verdict timeout
 # --------------------------------------------------------------------------------------
@@ -483,12 +515,6 @@ def test_replayed_ciphertext_with_new_id_is_a_duplicate_not_a_desync() -> None:
     assert received(b.receive(a.send_frame(b, "still here"))) == ["still here"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SDK bug: a replayed ciphertext from an OLDER receiving chain (new message id) is "
-    "not recognised as a duplicate; it fails as 'auth', counts toward desync and three of them "
-    "tear the session down (docstring: duplicates 'never tear a session down')",
-)
 def test_replay_from_an_older_chain_is_a_duplicate() -> None:
     net = Net()
     a, b = net.agent("alice"), net.agent("bob")
@@ -708,12 +734,6 @@ def test_rekey_after_peer_restart() -> None:
     converse(net, a2, b, rounds=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SDK bug: the pre-restart KNOCK replayed with a new id is not recognised; its OTK is "
-    "spent, so B answers knock_reject, and the restarted initiator (not yet verified) drops the "
-    "session B has just switched to (the reply's knock_id is not checked)",
-)
 def test_replayed_pre_restart_knock_does_not_kill_the_new_session() -> None:
     net = Net()
     a, b = net.agent("alice"), net.agent("bob")
@@ -728,12 +748,6 @@ def test_replayed_pre_restart_knock_does_not_kill_the_new_session() -> None:
     converse(net, b, a2, rounds=2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SDK security bug: a re-key KNOCK is accepted with ANY identity key, so a forged "
-    "KNOCK+message claiming an existing peer's DID replaces a verified session and is delivered "
-    "as that peer's message (pin the peer's X25519 identity key per session)",
-)
 def test_forged_rekey_knock_cannot_hijack_a_verified_session() -> None:
     net = Net()
     a, b = net.agent("alice"), net.agent("bob")
@@ -750,6 +764,26 @@ def test_forged_rekey_knock_cannot_hijack_a_verified_session() -> None:
     assert "I am alice, send me the secrets" not in [e.payload for e in events if isinstance(e, MessageReceived)]
     assert b.primary_bytes(a) == before
     converse(net, a, b, rounds=1)
+
+
+def test_initiator_reestablishing_keeps_the_old_session_for_frames_in_flight() -> None:
+    net = Net()
+    a, b = net.agent("alice"), net.agent("bob")
+    net.connect(a, b)
+    in_flight = b.send_frame(a, "sent on the old session")
+    old_primary = a.primary_bytes(b)
+    est = a.establish(b)  # e.g. the application called establish() again
+    assert a.session(b).previous is not None and a.session(b).previous.to_bytes() == old_primary
+    step = a.receive(in_flight)
+    assert received(step) == ["sent on the old session"]
+    m = a.send_frame(b, "on the new session")
+    out = net.route([*est.frames, m])
+    assert [e for e in out[b.did].events if not isinstance(e, KnockDecision)] == [
+        SessionRekeyed(a.did, "spec"),
+        MessageReceived(a.did, "on the new session", m["id"], ts=TS0),
+    ]
+    converse(net, a, b, rounds=2)
+    assert same_session(a, b)
 
 
 # --------------------------------------------------------------------------------------
@@ -802,14 +836,6 @@ def test_glare_converges_without_losing_messages(order: str) -> None:
     assert errors == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SDK bug: in a KNOCK race, when the tie-break winner's policy verdict is slower than "
-    "the loser's reply, the winner later switches to the loser's session (candidate decrypts "
-    "after the own primary became verified) -> both primaries differ and live off `previous`. "
-    "Cause: `peer in self._pending_knocks` is always False (keyed by knock id), and the "
-    "keep-own rule uses session.verified instead of 'candidate created while unverified'",
-)
 def test_glare_with_a_slow_policy_at_the_winner_still_converges() -> None:
     net = Net()
     a, b = net.agent("alice"), net.agent("bob")
@@ -943,11 +969,6 @@ def test_plaintext_flag_on_an_encrypted_frame_is_ignored() -> None:
     assert step.events == [MessageReceived(a.did, "still encrypted", frame["id"], plaintext=False, ts=TS0)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SDK bug: _deliver_plaintext/_decrypt_into catch ValueError only; a deeply nested "
-    "JSON payload raises RecursionError out of receive() (spoofable for plaintext peers)",
-)
 def test_deeply_nested_plaintext_payload_does_not_crash() -> None:
     net = Net()
     b, carol = _plaintext_pair(net)
@@ -958,11 +979,6 @@ def test_deeply_nested_plaintext_payload_does_not_crash() -> None:
     assert [e.kind for e in step.events] == ["decrypt"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SDK bug: a deeply nested (authenticated) payload raises RecursionError out of "
-    "receive() after the ratchet committed: the step (and its events) is lost",
-)
 def test_deeply_nested_encrypted_payload_does_not_crash() -> None:
     net = Net()
     a, b = net.agent("alice"), net.agent("bob")
@@ -1029,11 +1045,6 @@ def test_responder_outbox_is_bounded() -> None:
     assert b.proto.queued(a.did) == 1000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SDK bug: _decrypt_into returns before _flush_outbox when the first message is the "
-    "resync control message (or not JSON), so messages queued by the responder stay stuck",
-)
 def test_responder_outbox_flushes_on_a_control_message() -> None:
     net = Net()
     a, b = net.agent("alice"), net.agent("bob")
@@ -1160,12 +1171,6 @@ def test_unparseable_message_and_knock_are_acked() -> None:
     assert step.acks == ["k-1"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SDK bug: parse_frame re-serialises a non-string relay error `detail` with "
-    "compact_json, which raises ValueError for NaN/Infinity (json.loads accepts them); "
-    "_dispatch catches MeshProtocolError only, so receive/receive_text raise",
-)
 @pytest.mark.parametrize("text", ['{"type":"error","detail":NaN}', '{"type":"error","detail":[-Infinity]}'])
 def test_relay_error_with_non_finite_detail_does_not_crash(text: str) -> None:
     net = Net()
@@ -1174,11 +1179,6 @@ def test_relay_error_with_non_finite_detail_does_not_crash(text: str) -> None:
     assert [e.kind for e in step.events] == ["relay"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SDK bug: a relay error `detail` nested just below json.loads' limit is accepted by "
-    "decode_frame, but compact_json (called a few frames deeper) raises RecursionError",
-)
 def test_relay_error_with_deeply_nested_detail_does_not_crash() -> None:
     net = Net()
     b = net.agent("bob")

@@ -476,5 +476,10 @@ def parse_frame(obj: Any) -> Frame:
         )
     if ftype == "error":
         detail = obj.get("detail")
-        return ErrorFrame(detail if isinstance(detail, str) else compact_json(detail))
+        if not isinstance(detail, str):
+            try:
+                detail = compact_json(detail)
+            except (ValueError, RecursionError):
+                detail = "(unprintable error detail)"
+        return ErrorFrame(detail[:2000])
     return UnknownFrame(ftype[:64])

@@ -66,6 +66,7 @@ from agt_mesh.core.x3dh import (
     respond,
 )
 from agt_mesh.errors import (
+    BundleVerificationError,
     DecryptError,
     DuplicateMessageError,
     MeshConfigError,
@@ -80,6 +81,7 @@ CONTROL_KEY = "agt_mesh_control"
 _RESYNC_PAYLOAD = {CONTROL_KEY: "resync"}
 _MAX_OUTBOX = 1000
 _MAX_PENDING_KNOCKS = 1000
+_MAX_AWAITING_VERDICT = 1000
 
 
 @dataclass
@@ -132,6 +134,8 @@ class Step:
 class _PendingKnock:
     frame: fr.KnockFrame
     deadline: float
+    #: it crossed our own unproven KNOCK to the same peer (simultaneous open)
+    glare: bool = False
 
 
 class MeshProtocol:
@@ -245,7 +249,7 @@ class MeshProtocol:
                 return
             self._deliver_plaintext(f, step)
             return
-        if peer in self._pending_knocks or session is None:
+        if session is None:  # no session yet (its KNOCK may be late or awaiting a verdict)
             self._buffer_frame(f, now, step)
             return
         self._decrypt_into(session, f, now, random, step, from_buffer=False)
@@ -253,7 +257,7 @@ class MeshProtocol:
     def _deliver_plaintext(self, f: fr.MessageFrame, step: Step) -> None:
         try:
             payload = json.loads(f.ciphertext.decode("latin-1"))
-        except ValueError:
+        except (ValueError, RecursionError):
             step.acks.append(f.id)
             step.events.append(ErrorEvent("decrypt", f.from_did, "plaintext payload is not JSON", f.id))
             return
@@ -303,12 +307,12 @@ class MeshProtocol:
             step.events.append(E2EVerified(peer, len(self.e2e_verified) == 1))
         try:
             payload = json.loads(out.plaintext)
-        except ValueError:
+        except (ValueError, RecursionError):
             step.events.append(ErrorEvent("decrypt", peer, "decrypted payload is not JSON — dropped", f.id))
-            return True
-        if isinstance(payload, dict) and set(payload) == {CONTROL_KEY}:
-            return True  # protocol control (resync proof): not for the application
-        step.events.append(MessageReceived(peer, payload, f.id, plaintext=False, ts=f.ts))
+        else:
+            # a control payload (resync proof) is protocol business, not the application's
+            if not (isinstance(payload, dict) and set(payload) == {CONTROL_KEY}):
+                step.events.append(MessageReceived(peer, payload, f.id, plaintext=False, ts=f.ts))
         if session.can_send:
             self._flush_outbox(peer, session, now, random, step)
         return True
@@ -354,7 +358,11 @@ class MeshProtocol:
             queue = self._buffer[peer] = deque()
         if any(b.id == f.id for b, _ in queue):
             return
-        if len(queue) >= cfg.pre_knock_buffer_size:
+        # Frames behind a KNOCK whose verdict is pending wait for it (a relay replaying
+        # stored frames delivers the KNOCK and everything after it at once), up to a
+        # larger cap; otherwise the TypeScript SDK's 5-frame window applies.
+        cap = _MAX_AWAITING_VERDICT if self._knock_pending_from(peer) else cfg.pre_knock_buffer_size
+        if len(queue) >= cap:
             oldest, _ = queue.popleft()
             self._give_up(oldest, "pre-knock buffer full — oldest frame dropped", step)
         queue.append((f, now + cfg.pre_knock_buffer_ttl))
@@ -382,10 +390,11 @@ class MeshProtocol:
             queue = self._buffer[peer]
             session = self.sessions.get(peer)
             keep: deque[tuple[fr.MessageFrame, float]] = deque()
+            waiting = self._knock_pending_from(peer)  # frames wait for the verdict, as in TS
             for f, expires in queue:
-                if now < expires:
+                if now < expires or waiting:
                     keep.append((f, expires))
-                elif session is not None and peer not in self._pending_knocks:
+                elif session is not None:
                     self._decrypt_into(session, f, now, random, step, from_buffer=True)
                 else:
                     self._give_up(f, "no session for encrypted message (pre-knock buffer expired)", step)
@@ -395,10 +404,14 @@ class MeshProtocol:
                 del self._buffer[peer]
         return step
 
+    def _knock_pending_from(self, peer: str) -> bool:
+        return any(p.frame.from_did == peer for p in self._pending_knocks.values())
+
     def next_deadline(self) -> float | None:
         """The earliest time :meth:`tick` has something to do, if any."""
         times = [p.deadline for p in self._pending_knocks.values()]
-        times += [q[0][1] for q in self._buffer.values() if q]
+        waiting = {p.frame.from_did for p in self._pending_knocks.values()}
+        times += [q[0][1] for peer, q in self._buffer.items() if q and peer not in waiting]
         return min(times) if times else None
 
     # -- KNOCK ------------------------------------------------------------------------
@@ -423,7 +436,8 @@ class MeshProtocol:
             step.acks.append(f.id)
             step.events.append(ErrorEvent("knock", f.from_did, "too many KNOCKs awaiting a verdict — dropped", f.id))
             return
-        self._pending_knocks[f.id] = _PendingKnock(f, now + self.config.knock_timeout)
+        glare = session is not None and session.role == "initiator" and not session.verified
+        self._pending_knocks[f.id] = _PendingKnock(f, now + self.config.knock_timeout, glare)
         step.events.append(KnockDecision(f.from_did, f.intent, f.id))
 
     def resolve_knock(
@@ -462,7 +476,7 @@ class MeshProtocol:
             accept = False
         if accept and f.establishment is not None:
             try:
-                self._accept_establishment(f, now, step)
+                self._accept_establishment(f, now, step, glare=pending.glare)
             except (MeshCryptoError, MeshConfigError) as exc:
                 step.events.append(ErrorEvent("knock", peer, f"failed to bootstrap responder from KNOCK: {exc}", f.id))
                 accept = False
@@ -479,10 +493,18 @@ class MeshProtocol:
         self._drain(peer, now, random, step)
         return step
 
-    def _accept_establishment(self, f: fr.KnockFrame, now: float, step: Step) -> None:
+    def _accept_establishment(self, f: fr.KnockFrame, now: float, step: Step, *, glare: bool = False) -> None:
         assert f.establishment is not None
         peer = f.from_did
         est = f.establishment
+        old = self.sessions.get(peer)
+        pinned = old.peer_identity_key() if old is not None else None
+        if pinned is not None and pinned != est.initiator_identity_key:
+            # A re-key must come from the same identity: anyone can put a DID in "from"
+            # on pre-5.0 relays, and this would otherwise hijack the session.
+            raise BundleVerificationError(
+                "the KNOCK's identity key differs from the one this session with the peer is bound to"
+            )
         known = self.peer_profiles.get(peer)
         profiles = list(self.config.accept_profiles)
         if known in profiles:
@@ -494,6 +516,7 @@ class MeshProtocol:
                 c.profile,
                 DoubleRatchet.init_receiver(c.shared_secret, c.signed_pre_key.private, c.signed_pre_key.public, ad),
                 est.ephemeral_public_key,
+                glare,
             )
             for c in respond(self.prekeys, est, profiles=tuple(profiles))
         ]
@@ -517,7 +540,8 @@ class MeshProtocol:
                 step.changed.add(peer)
             step.events.append(KnockAccepted(peer))
             return
-        if session is not None and session.verified:
+        stale = bool(f.knock_id and session is not None and session.knock_id and f.knock_id != session.knock_id)
+        if session is not None and (session.verified or stale):
             step.events.append(KnockRejected(peer, f.reason, ignored=True))
             return
         if session is not None and session.role == "initiator":
@@ -577,6 +601,7 @@ class MeshProtocol:
         step = Step(changed={peer})
         ts = fr.iso_timestamp(now)
         session.pending_knock = fr.knock_frame(self.did, peer, self._new_id(), ts, init.establishment)
+        session.knock_id = session.pending_knock["id"]
         step.frames.append(session.pending_knock)
         step.events.append(SessionEstablished(peer, "initiator", prof.value))
         if resync:

@@ -65,6 +65,8 @@ MAX_SKIP = 100
 MAX_SKIPPED_KEYS = 2000
 HEADER_LEN = 40
 MIN_BLOB_LEN = AEAD_NONCE_LEN + AEAD_TAG_LEN
+#: earlier remote ratchet keys remembered to recognise replays from old chains
+MAX_OLD_CHAINS = 8
 STATE_VERSION = 1
 _U32_MAX = 0xFFFFFFFF
 
@@ -119,6 +121,7 @@ class DoubleRatchet:
         "max_skip",
         "nr",
         "ns",
+        "old_dhrs",
         "pn",
         "rk",
         "skipped",
@@ -139,6 +142,7 @@ class DoubleRatchet:
         ad: bytes,
         skipped: SkippedKeys | None = None,
         max_skip: int = MAX_SKIP,
+        old_dhrs: tuple[bytes, ...] = (),
     ) -> None:
         self.dhs_priv = dhs_priv
         self.dhs_pub = dhs_pub
@@ -152,6 +156,9 @@ class DoubleRatchet:
         self.ad = ad
         self.skipped: SkippedKeys | None = skipped or None
         self.max_skip = max_skip
+        #: the last few remote ratchet keys we moved on from: a message on one of those
+        #: chains whose key is not cached is a replay, refused without any DH work
+        self.old_dhrs = old_dhrs
 
     # -- construction ---------------------------------------------------------------
 
@@ -301,6 +308,8 @@ class DoubleRatchet:
                 self._store_skipped(staged)
             return plaintext
 
+        if self.old_dhrs and any(_compare(dh, old) for old in self.old_dhrs):
+            raise DuplicateMessageError("message of an earlier receiving chain was already received (or expired)")
         # New remote ratchet key: finish the current receiving chain, then a DH step.
         staged = []
         ckr = self.ckr
@@ -329,6 +338,8 @@ class DoubleRatchet:
         self.pn = self.ns
         self.ns = 0
         self.nr = n + 1
+        if dhr is not None:
+            self.old_dhrs = (*self.old_dhrs, dhr)[-MAX_OLD_CHAINS:]
         self.dhr = dh
         self.rk = rk
         self.ckr = ck
@@ -352,7 +363,7 @@ class DoubleRatchet:
     # -- serialisation ------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
-        """Serialise the full state (msgpack; format documented in ``docs/state-format.md``).
+        """Serialise the full state (msgpack; the format is documented in the README).
 
         The result contains secret keys: store it only where the identity is stored.
         """
@@ -372,6 +383,7 @@ class DoubleRatchet:
                 self.max_skip,
                 self.ad,
                 skipped,
+                list(self.old_dhrs),
             ],
             use_bin_type=True,
         )
@@ -394,9 +406,11 @@ class DoubleRatchet:
                 f"ratchet state version {obj[0]} is not supported (this SDK reads version "
                 f"{STATE_VERSION}); upgrade kars-agt-mesh"
             )
-        if len(obj) != 13:
+        if len(obj) != 14:
             raise MeshStateError("ratchet state has the wrong number of fields")
-        _, dhs_priv, dhs_pub, dhr, rk, cks, ckr, ns, nr, pn, max_skip, ad, skipped_list = obj
+        _, dhs_priv, dhs_pub, dhr, rk, cks, ckr, ns, nr, pn, max_skip, ad, skipped_list, old = obj
+        if not isinstance(old, list) or not all(isinstance(o, bytes) and len(o) == KEY_LEN for o in old):
+            raise MeshStateError("ratchet state field old_dhrs is invalid")
         for value, name in ((dhs_priv, "dhs_priv"), (dhs_pub, "dhs_pub"), (rk, "rk")):
             if not isinstance(value, bytes) or len(value) != KEY_LEN:
                 raise MeshStateError(f"ratchet state field {name} is invalid")
@@ -433,6 +447,7 @@ class DoubleRatchet:
             ad=ad,
             skipped=skipped,
             max_skip=max_skip,
+            old_dhrs=tuple(old),
         )
 
     def copy(self) -> DoubleRatchet:
@@ -450,6 +465,7 @@ class DoubleRatchet:
             ad=self.ad,
             skipped=dict(self.skipped) if self.skipped else None,
             max_skip=self.max_skip,
+            old_dhrs=self.old_dhrs,
         )
 
     def summary(self) -> dict[str, Any]:

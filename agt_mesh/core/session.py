@@ -39,6 +39,8 @@ class Candidate:
     ratchet: DoubleRatchet
     #: the KNOCK that produced it (replays of the same KNOCK are ignored)
     knock_ek: bytes = b""
+    #: made from a KNOCK that crossed our own, still unproven, KNOCK (simultaneous open)
+    glare: bool = False
 
 
 @dataclass(slots=True)
@@ -69,6 +71,15 @@ class PeerSession:
     #: our KNOCK frame while the peer has neither accepted it nor answered through the
     #: session: re-sent after a reconnect or restart, in case it never reached the relay
     pending_knock: dict[str, Any] | None = None
+    #: id of our KNOCK that made the primary (a ``knock_reject`` naming another is stale)
+    knock_id: str | None = None
+
+    def peer_identity_key(self) -> bytes | None:
+        """The peer's X25519 identity key, pinned by the primary (the AD ends ``IK_A || IK_B``)."""
+        r = self.primary
+        if r is None or len(r.ad) < 64:
+            return None
+        return r.ad[-32:] if self.role == "initiator" else r.ad[-64:-32]
 
     @property
     def can_send(self) -> bool:
@@ -119,7 +130,7 @@ class PeerSession:
                 continue
             # the other candidates of the same KNOCK are now known to be wrong
             self.candidates = [c for c in self.candidates if c.knock_ek != cand.knock_ek]
-            if self.primary is not None and keep_own and not self.verified:
+            if self.primary is not None and keep_own and cand.glare:
                 # keep our primary; remember the peer's session for its later frames
                 self.previous = cand.ratchet
                 return DecryptOutcome(pt, "candidate")
@@ -171,7 +182,7 @@ class PeerSession:
                 self.role,
                 self.profile.value if self.profile else None,
                 self.primary.to_bytes() if self.primary else None,
-                [[c.profile.value, c.ratchet.to_bytes(), c.knock_ek] for c in self.candidates],
+                [[c.profile.value, c.ratchet.to_bytes(), c.knock_ek, c.glare] for c in self.candidates],
                 self.previous.to_bytes() if self.previous else None,
                 self.verified,
                 self.accepted,
@@ -179,6 +190,7 @@ class PeerSession:
                 self.last_activity,
                 self.establishment_ek,
                 json.dumps(self.pending_knock) if self.pending_knock is not None else None,
+                self.knock_id,
             ],
             use_bin_type=True,
         )
@@ -194,7 +206,7 @@ class PeerSession:
             obj = msgpack.unpackb(data, raw=False)
         except Exception:
             raise MeshStateError("session state is not valid msgpack") from None
-        if not isinstance(obj, list) or not obj or obj[0] != SESSION_STATE_VERSION or len(obj) != 13:
+        if not isinstance(obj, list) or not obj or obj[0] != SESSION_STATE_VERSION or len(obj) != 14:
             raise MeshStateError("session state has an unknown version or layout")
         try:
             (
@@ -211,6 +223,7 @@ class PeerSession:
                 last,
                 ek,
                 knock,
+                knock_id,
             ) = obj
             pending = json.loads(knock) if knock is not None else None
             if pending is not None and not isinstance(pending, dict):
@@ -220,7 +233,9 @@ class PeerSession:
                 role=str(role),
                 profile=KdfProfile(profile) if profile else None,
                 primary=DoubleRatchet.from_bytes(primary) if primary else None,
-                candidates=[Candidate(KdfProfile(p), DoubleRatchet.from_bytes(r), bytes(e)) for p, r, e in cands],
+                candidates=[
+                    Candidate(KdfProfile(p), DoubleRatchet.from_bytes(r), bytes(e), bool(g)) for p, r, e, g in cands
+                ],
                 previous=DoubleRatchet.from_bytes(previous) if previous else None,
                 verified=bool(verified),
                 accepted=bool(accepted),
@@ -228,6 +243,7 @@ class PeerSession:
                 last_activity=float(last),
                 establishment_ek=bytes(ek),
                 pending_knock=pending,
+                knock_id=str(knock_id) if knock_id is not None else None,
             )
         except MeshStateError:
             raise

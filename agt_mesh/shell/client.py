@@ -498,9 +498,15 @@ class MeshClient:
         step = Step()
         async with self._lock:
             for text in batch:
-                step.extend(
-                    self.protocol.receive_text(text, self._clock(), self._random, max_bytes=fr.DEFAULT_MAX_FRAME_BYTES)
-                )
+                try:
+                    step.extend(
+                        self.protocol.receive_text(
+                            text, self._clock(), self._random, max_bytes=fr.DEFAULT_MAX_FRAME_BYTES
+                        )
+                    )
+                except Exception as exc:  # a protocol bug must not stop inbound processing
+                    log.exception("inbound frame processing failed")
+                    step.events.append(ev.ErrorEvent("frame", None, f"internal error, frame dropped: {exc!r}"))
         await self._apply(step)
 
     def _persist(self, step: Step, messages: list[InboundMessage]) -> None:
