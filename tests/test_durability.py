@@ -179,7 +179,7 @@ async def test_both_peers_restart_mid_conversation_without_reknock(tmp_path: Pat
 
 
 async def test_unconsumed_messages_survive_an_app_crash(tmp_path: Path, servers: ServerPair) -> None:
-    adir, aid = _state_dir(tmp_path, "a")
+    adir, _ = _state_dir(tmp_path, "a")
     bdir, bid = _state_dir(tmp_path, "b")
     a = MeshClient(adir / "identity.json", relay_url=servers.relay_url, registry_url=servers.registry_url)
     b = MeshClient(bdir / "identity.json", relay_url=servers.relay_url, registry_url=servers.registry_url)
