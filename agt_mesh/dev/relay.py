@@ -812,7 +812,7 @@ class DevRelay:
                 if action.frame_type == "knock" and self.knock_delay > 0:
                     self._spawn(self._route_later(action, self.knock_delay))
                 else:
-                    self._deliver(action.recipient, action.frame_id, action.text)
+                    self._deliver(action.recipient, action.frame_id, action.text, hold=action.frame_type == "message")
             elif isinstance(action, Reply):
                 conn.push(_Out(_Kind.CONTROL, compact_json(action.frame)))
             elif isinstance(action, Disconnect):
@@ -839,11 +839,16 @@ class DevRelay:
         assert isinstance(obj, dict)
         return obj
 
-    def _deliver(self, recipient: str, frame_id: str, text: str) -> None:
-        """Queue a frame for live delivery, or store it if the recipient is not reachable."""
+    def _deliver(self, recipient: str, frame_id: str, text: str, *, hold: bool = False) -> None:
+        """Queue a frame for live delivery, or store it if the recipient is not reachable.
+
+        ``hold``: a ``message`` frame, kept stored until acked when ``hold_until_ack`` is on
+        (KNOCK frames are not: TypeScript clients never acknowledge them, and replaying an
+        old KNOCK to a restarted TypeScript peer would make it build a stale session).
+        """
         conn = self.state.live(recipient)
         if conn is not None and not conn.closed and len(conn.outbox) < self.max_outbox:
-            if self.hold_until_ack:
+            if self.hold_until_ack and hold:
                 self.state.store(recipient, frame_id, text)
             conn.push(_Out(_Kind.LIVE, text, frame_id))
             return
@@ -851,7 +856,7 @@ class DevRelay:
 
     async def _route_later(self, route: Route, delay: float) -> None:
         await asyncio.sleep(delay)
-        self._deliver(route.recipient, route.frame_id, route.text)
+        self._deliver(route.recipient, route.frame_id, route.text, hold=route.frame_type == "message")
 
     async def _writer(self, conn: _Conn) -> None:
         """Write ``conn``'s outbox in order (or reversed batches with ``reorder_window``)."""

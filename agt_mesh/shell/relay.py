@@ -327,8 +327,9 @@ class RelayTransport:
         Raises:
             MeshTransportError: if not connected (the frame was not sent).
         """
-        ws = self._ws
-        if ws is None or not self._connected.is_set():
+        ws = self._ws  # set from the moment the connect frame is sent, so acks for frames
+        # the relay pushes while its verdict is pending are not lost
+        if ws is None:
             raise MeshTransportError(f"not connected to relay {self.url}")
         try:
             await ws.send(fr.encode_frame(frame))
