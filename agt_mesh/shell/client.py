@@ -52,6 +52,8 @@ DisconnectHook = Callable[[str, int | None], Awaitable[None] | None]
 VerifiedHook = Callable[[str, bool], Awaitable[None] | None]
 
 _DAY = 86400.0
+#: marks the end of inbound processing in the queue
+_STOP = "\x00stop"
 
 
 def _token_source(value: str | Callable[[], str | None] | None) -> Callable[[], str | None] | None:
@@ -372,13 +374,21 @@ class MeshClient:
         await self._teardown()
 
     async def _teardown(self) -> None:
+        # 1. stop the relay sending and read what it already wrote (it may not keep it)
+        if self._transport is not None:
+            with contextlib.suppress(Exception):
+                await self._transport.close()
+        # 2. process everything that was read; never cancel a batch half-way (its state
+        #    could be ahead of what was committed)
         if self._processor is not None:
-            # finish what was already received (it may be committed but not yet acked)
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(self._drain_inbound(), 5)
-            self._processor.cancel()
-            with contextlib.suppress(BaseException):
-                await self._processor
+            if not self._processor.done():
+                await self._inbound.put(_STOP)
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._processor), 30)
+                except (TimeoutError, Exception):
+                    self._processor.cancel()
+                    with contextlib.suppress(BaseException):
+                        await self._processor
             self._processor = None
         if self._ticker is not None:
             self._ticker.cancel()
@@ -480,21 +490,25 @@ class MeshClient:
         await self._inbound.put(text)  # bounded: a slow consumer slows the reader, nothing is dropped
 
     async def _process_loop(self) -> None:
+        """Process inbound frames in batches until the stop marker is read."""
         while True:
             first = await self._inbound.get()
-            await self._process_batch([first])
-
-    async def _drain_inbound(self) -> None:
-        batch = []
-        while not self._inbound.empty():
-            batch.append(self._inbound.get_nowait())
-        if batch:
+            if first is _STOP:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < 256 and not self._inbound.empty():
+                item = self._inbound.get_nowait()
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)
             await self._process_batch(batch)
+            if stop:
+                return
 
     async def _process_batch(self, batch: list[str]) -> None:
-        """Process whatever has arrived (up to 256 frames) with one commit and then the acks."""
-        while len(batch) < 256 and not self._inbound.empty():
-            batch.append(self._inbound.get_nowait())
+        """Process a batch of frames with one commit, then send the acks."""
         step = Step()
         async with self._lock:
             for text in batch:

@@ -142,6 +142,8 @@ class RelayTransport:
         self.last_close: tuple[int | None, str] | None = None
         self.fatal: Exception | None = None
         self.connect_count = 0
+        #: how long close() keeps reading after sending ``disconnect``
+        self.close_grace = 2.0
         #: optional tap called with every frame we send (diagnostics, demos)
         self.on_send: Callable[[dict[str, Any]], None] | None = None
 
@@ -355,7 +357,11 @@ class RelayTransport:
         self._reader = self._heartbeat = None
 
     async def close(self) -> None:
-        """Send ``disconnect``, close with 1000 and stop reconnecting."""
+        """Send ``disconnect``, read until the relay closes, then close and stop reconnecting.
+
+        Every frame the relay wrote before it saw our ``disconnect`` is still read and
+        handed to ``on_frame``: AGT relays forget a frame once it is written to the socket.
+        """
         self._closing = True
         if self._reconnector is not None:
             self._reconnector.cancel()
@@ -363,12 +369,15 @@ class RelayTransport:
                 await self._reconnector
             self._reconnector = None
         ws = self._ws
+        reader = self._reader
         if ws is not None:
             with contextlib.suppress(Exception):
                 await ws.send(fr.encode_frame(fr.disconnect_frame(self.did)))
+            if reader is not None:  # the relay answers disconnect by closing (code 1000)
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(asyncio.shield(reader), self.close_grace)
             with contextlib.suppress(Exception):
                 await ws.close(1000, "client disconnect")
-        reader = self._reader
         if reader is not None:
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(reader, 3)
