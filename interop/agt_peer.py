@@ -125,6 +125,7 @@ class AgtPeer:
         self.relay_errors: list[str] = []
         self.lock = asyncio.Lock()
         self.registered = False
+        self.held: list[dict[str, Any]] | None = None
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -143,6 +144,9 @@ class AgtPeer:
         return f"Ed25519-Timestamp {self.did} {ts} {b64u(sig)}"
 
     async def send_frame(self, frame: dict[str, Any]) -> None:
+        if self.held is not None:
+            self.held.append(frame)
+            return
         if self.ws is None:
             raise RuntimeError("not connected to the relay")
         await self.ws.send(compact(frame))
@@ -540,6 +544,17 @@ class AgtPeer:
         if a.get("pause"):
             await asyncio.sleep(float(a["pause"]))
         return await self.cmd_connect(a)
+
+    async def cmd_hold(self, a: dict[str, Any]) -> dict[str, Any]:
+        """Fault injection: keep every frame until ``release``."""
+        self.held = []
+        return {}
+
+    async def cmd_release(self, a: dict[str, Any]) -> dict[str, Any]:
+        held, self.held = self.held or [], None
+        for frame in held:
+            await self.send_frame(frame)
+        return {"released": len(held)}
 
     async def cmd_heartbeat(self, a: dict[str, Any]) -> dict[str, Any]:
         await self.send_frame({"v": 1, "type": "heartbeat", "from": self.did, "ts": now_iso()})

@@ -67,6 +67,7 @@ SCENARIOS = (
     "ts-restart-offline",
     "py-restart",
     "py-state-loss",
+    "simultaneous-knock",
     "policy-reject",
 )
 QUICK_SCENARIOS = ("hello", "ping-pong")
@@ -104,8 +105,9 @@ XFAIL_TS_TS_RESTART = (
     "(session_desync on each side in turn); npm 4.0.0 never recovers on its own (wire.md §4.7)"
 )
 XFAIL_PY_RESTART = (
-    "pending durable session state: MeshClient keeps sessions in memory only, so messages sent "
-    "to the pre-restart session are lost"
+    "the Python peers run without the durable store (INTEROP_PY_DURABLE=0, or an SDK without "
+    "MeshClient(durable=...)): sessions live in memory only, so messages sent to the "
+    "pre-restart session are lost"
 )
 
 
@@ -733,6 +735,39 @@ async def sc_py_state_loss(ctx: Ctx) -> Outcome:
     return Outcome("pass", f"lost: m1{', m2' if lost else ''}; re-keyed, m3–m6 delivered both ways")
 
 
+async def sc_simultaneous_knock(ctx: Ctx) -> Outcome:
+    """First contact from both sides at once: both KNOCK, both send, before either KNOCK arrives.
+
+    The DIDs are chosen so that a Python peer's DID sorts first (the side that keeps its
+    own session in agt_mesh's tie-break).  Round 1 may lose messages (npm 4.0.0 ignores a
+    KNOCK while it holds a session); from round 4 on, every message must arrive, in order.
+    """
+    sa, sb = cell_specs(ctx.job.cell)
+    assert sb is not None
+    a, b = await ctx.pair_of(order="b<a" if sb.kind == "py" and sa.kind != "py" else "a<b")
+    # both make their session and first message before either KNOCK is on the wire
+    await asyncio.gather(a.call("hold"), b.call("hold"))
+    await asyncio.gather(a.send(b, {"r": 1, "from": "A"}), b.send(a, {"r": 1, "from": "B"}))
+    released = await asyncio.gather(a.call("release"), b.call("release"))
+    check(all(r["released"] >= 2 for r in released), f"expected a KNOCK and a message from each side: {released}")
+    await asyncio.sleep(1.0)
+    for r in range(2, 6):
+        await a.send(b, {"r": r, "from": "A"})
+        await asyncio.sleep(0.4)
+        await b.send(a, {"r": r, "from": "B"})
+        await asyncio.sleep(0.4)
+    got_b = await b.expect_none(a, 3.5)
+    got_a = await a.expect_none(b, 0)
+    rb, ra = [m["r"] for m in got_b], [m["r"] for m in got_a]
+    detail = f"A→B delivered rounds {rb}, B→A delivered rounds {ra}"
+    check(rb == sorted(set(rb)) and ra == sorted(set(ra)), f"out of order or duplicated: {detail}")
+    check(
+        {4, 5} <= set(rb) and {4, 5} <= set(ra),
+        f"conversation did not converge: {detail}; errors: {serious_errors(a, b)[-4:]}",
+    )
+    return Outcome("pass", detail)
+
+
 async def sc_policy_reject(ctx: Ctx) -> Outcome:
     a, b = await ctx.pair_of(b_extra={"reject_knocks": True})
     await a.send(b, {"knock": "me"})
@@ -812,6 +847,7 @@ SCENARIO_FUNCS: dict[str, Callable[[Ctx], Awaitable[Outcome]]] = {
     "ts-restart-offline": sc_ts_restart_offline,
     "py-restart": sc_py_restart,
     "py-state-loss": sc_py_state_loss,
+    "simultaneous-knock": sc_simultaneous_knock,
     "policy-reject": sc_policy_reject,
 }
 
@@ -1022,7 +1058,8 @@ async def amain(args: argparse.Namespace) -> int:
         print("\nExpected failures:")
         for cell, sc, reason in xfails:
             print(f"- {cell} / {sc}: {reason}")
-    RESULTS.write_text(
+    tmp = RESULTS.with_name(RESULTS.name + ".tmp")
+    tmp.write_text(
         json.dumps(
             {
                 "format": "agt-mesh-interop/1",
@@ -1056,6 +1093,7 @@ async def amain(args: argparse.Namespace) -> int:
         )
         + "\n"
     )
+    os.replace(tmp, RESULTS)
     if not unexpected and not args.keep_logs:
         shutil.rmtree(root, ignore_errors=True)
     else:

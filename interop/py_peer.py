@@ -51,6 +51,7 @@ class Peer:
         self.stash: list[Any] = []  # drained messages from other senders
         self.generation = 0
         self.restarts = 0
+        self.held: list[dict[str, Any]] | None = None
 
     # -- client construction ----------------------------------------------------------
 
@@ -223,6 +224,32 @@ class Peer:
         self.client = self._new_client()
         await self.client.connect()
         return {"connected": self.client.is_connected, "durable": self.durable, "sessions": self.client.sessions()}
+
+    async def cmd_hold(self, a: dict[str, Any]) -> dict[str, Any]:
+        """Fault injection: keep every frame the client writes until ``release``."""
+        client = self._need()
+        transport = client.transport
+        if transport is None:
+            raise RuntimeError("not connected")
+        held: list[dict[str, Any]] = []
+        self.held = held
+
+        async def send(frame: dict[str, Any]) -> None:
+            held.append(frame)
+
+        transport.send = send  # type: ignore[method-assign]
+        return {}
+
+    async def cmd_release(self, a: dict[str, Any]) -> dict[str, Any]:
+        client = self._need()
+        transport = client.transport
+        if transport is None or self.held is None:
+            raise RuntimeError("not holding")
+        del transport.send  # the class's method again
+        held, self.held = self.held, None
+        for frame in held:
+            await transport.send(frame)
+        return {"released": len(held)}
 
     async def cmd_heartbeat(self, a: dict[str, Any]) -> dict[str, Any]:
         client = self._need()

@@ -63,6 +63,8 @@ const state = {
   knocks: [], // {from, verdict}
   heartbeat: null,
   sent: 0,
+  holding: false,
+  held: [],
 };
 
 function makeIdentity(seedHex) {
@@ -80,6 +82,11 @@ function wsFactory(gen) {
     const ws = new WebSocket(url);
     const send = ws.send.bind(ws);
     ws.send = (data, ...rest) => {
+      if (state.holding && gen === state.generation) {
+        // fault injection (`hold`/`release`): keep outgoing frames until released
+        state.held.push(() => ws.send(data, ...rest));
+        return undefined;
+      }
       if (state.cfg.mode === "pop") {
         const f = JSON.parse(data);
         if (f.type === "connect") {
@@ -334,6 +341,18 @@ const commands = {
     if (a && a.pause) await sleep(a.pause * 1000);
     const r = await connectFresh();
     return { connected: state.client.isConnected, ...r };
+  },
+
+  async hold() {
+    state.holding = true;
+    return {};
+  },
+
+  async release() {
+    state.holding = false;
+    const held = state.held.splice(0);
+    for (const send of held) send();
+    return { released: held.length };
   },
 
   async heartbeat() {

@@ -37,6 +37,7 @@ SCENARIOS = (
     "ts-restart-offline",
     "py-restart",
     "py-state-loss",
+    "simultaneous-knock",
     "policy-reject",
 )
 

@@ -33,6 +33,7 @@ Behaviour, compared with the TypeScript ``MeshClient`` (``wire.md`` §4–§5):
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
@@ -436,7 +437,12 @@ class MeshProtocol:
             step.acks.append(f.id)
             step.events.append(ErrorEvent("knock", f.from_did, "too many KNOCKs awaiting a verdict — dropped", f.id))
             return
-        glare = session is not None and session.role == "initiator" and not session.verified
+        glare = (
+            session is not None
+            and session.role == "initiator"
+            and not session.verified
+            and (not session.accepted or _not_after(f.ts, session.accept_ts))
+        )
         self._pending_knocks[f.id] = _PendingKnock(f, now + self.config.knock_timeout, glare)
         step.events.append(KnockDecision(f.from_did, f.intent, f.id))
 
@@ -537,6 +543,8 @@ class MeshProtocol:
             if session is not None:
                 session.accepted = True
                 session.pending_knock = None
+                if f.ts is not None and (f.knock_id is None or f.knock_id == session.knock_id):
+                    session.accept_ts = f.ts
                 step.changed.add(peer)
             step.events.append(KnockAccepted(peer))
             return
@@ -705,3 +713,16 @@ class MeshProtocol:
         """Restore the de-duplication window."""
         for i in ids:
             self._remember_id(i)
+
+
+def _not_after(ts: str | None, reference: str | None) -> bool:
+    """Whether timestamp ``ts`` is not later than ``reference`` (both from the peer's clock).
+
+    Unknown or unparsable times count as "later", i.e. not a simultaneous open.
+    """
+    if ts is None or reference is None:
+        return False
+    try:
+        return _dt.datetime.fromisoformat(ts) <= _dt.datetime.fromisoformat(reference)
+    except (ValueError, TypeError):
+        return False

@@ -73,6 +73,9 @@ class PeerSession:
     pending_knock: dict[str, Any] | None = None
     #: id of our KNOCK that made the primary (a ``knock_reject`` naming another is stale)
     knock_id: str | None = None
+    #: the peer's timestamp on its ``knock_accept`` of our KNOCK: a KNOCK it sent later is
+    #: a re-key (it dropped our session), not a simultaneous open
+    accept_ts: str | None = None
 
     def peer_identity_key(self) -> bytes | None:
         """The peer's X25519 identity key, pinned by the primary (the AD ends ``IK_A || IK_B``)."""
@@ -191,6 +194,7 @@ class PeerSession:
                 self.establishment_ek,
                 json.dumps(self.pending_knock) if self.pending_knock is not None else None,
                 self.knock_id,
+                self.accept_ts,
             ],
             use_bin_type=True,
         )
@@ -206,7 +210,7 @@ class PeerSession:
             obj = msgpack.unpackb(data, raw=False)
         except Exception:
             raise MeshStateError("session state is not valid msgpack") from None
-        if not isinstance(obj, list) or not obj or obj[0] != SESSION_STATE_VERSION or len(obj) != 14:
+        if not isinstance(obj, list) or not obj or obj[0] != SESSION_STATE_VERSION or len(obj) != 15:
             raise MeshStateError("session state has an unknown version or layout")
         try:
             (
@@ -224,6 +228,7 @@ class PeerSession:
                 ek,
                 knock,
                 knock_id,
+                accept_ts,
             ) = obj
             pending = json.loads(knock) if knock is not None else None
             if pending is not None and not isinstance(pending, dict):
@@ -244,6 +249,7 @@ class PeerSession:
                 establishment_ek=bytes(ek),
                 pending_knock=pending,
                 knock_id=str(knock_id) if knock_id is not None else None,
+                accept_ts=str(accept_ts) if accept_ts is not None else None,
             )
         except MeshStateError:
             raise
