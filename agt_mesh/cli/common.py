@@ -25,6 +25,7 @@ from agt_mesh.cli.errors import EXIT_IO, EXIT_USAGE, CliError
 if TYPE_CHECKING:
     from agt_mesh.core.identity import Identity
     from agt_mesh.core.session import PeerSession
+    from agt_mesh.core.x3dh import PreKeyStore
     from agt_mesh.shell.client import MeshClient
     from agt_mesh.shell.store import PeerMeta, StateStore
 
@@ -285,6 +286,20 @@ def open_store(args: argparse.Namespace, did: str) -> StateStore | None:
     if not (sdir / STORE_NAME).exists():
         return None
     return StateStore(sdir, did=did).open()
+
+
+def stored_prekeys(args: argparse.Namespace, ident: Identity) -> PreKeyStore:
+    """Our pre-keys as stored (read-only; empty if there is no store yet)."""
+    from agt_mesh.core.x3dh import PreKeyStore as _PreKeyStore
+
+    prekeys = _PreKeyStore(ident)
+    store = open_store(args, ident.did)
+    if store is not None:
+        try:
+            store.load_prekeys(prekeys)
+        finally:
+            store.close()
+    return prekeys
 
 
 def stored_display_name(args: argparse.Namespace, did: str) -> str | None:

@@ -66,17 +66,10 @@ def _read_frames(arg: str) -> list[str]:
 
 
 def _load_ours(args: argparse.Namespace) -> Ours:
-    from agt_mesh.cli.common import open_store
-    from agt_mesh.core.x3dh import PreKeyStore
+    from agt_mesh.cli.common import stored_prekeys
 
     ident = load_identity(args)
-    prekeys = PreKeyStore(ident)
-    store = open_store(args, ident.did)
-    if store is not None:
-        try:
-            store.load_prekeys(prekeys)
-        finally:
-            store.close()
+    prekeys = stored_prekeys(args, ident)
     return Ours(ident, LocalState.load(args, ident.did), prekeys)
 
 

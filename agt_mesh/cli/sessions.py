@@ -45,6 +45,7 @@ from agt_mesh.cli.common import (
     run,
     session_line,
     state_dir,
+    stored_prekeys,
 )
 from agt_mesh.cli.errors import EXIT_OK, CliError
 
@@ -124,16 +125,9 @@ def session_reset(args: argparse.Namespace) -> int:
 
 def bundle_show(args: argparse.Namespace) -> int:
     from agt_mesh.core.encoding import b64url_encode
-    from agt_mesh.core.x3dh import PreKeyStore
 
     ident = load_identity(args)
-    prekeys = PreKeyStore(ident)
-    store = open_store(args, ident.did)
-    if store is not None:
-        try:
-            store.load_prekeys(prekeys)
-        finally:
-            store.close()
+    prekeys = stored_prekeys(args, ident)
     spk = prekeys.signed_pre_key
     otks = prekeys.one_time_pre_keys
     ids = [o.key_id for o in otks]
