@@ -348,3 +348,37 @@ async def test_entra_token_source_is_reread_on_every_connect(servers: ServerPair
     await c.connect()
     await c.disconnect()
     assert len(calls) == 2
+
+
+async def test_one_time_prekeys_are_replenished_and_signed_prekey_rotates() -> None:
+    dev = ServerPair("dev").start()
+    now = [time.time()]
+    try:
+        b = _client(dev, "keys", one_time_prekeys=6, replenish_below=5, clock=lambda: now[0])
+        b.prekey_check_interval = 0.2
+        async with b:
+            first_spk = b.prekeys.signed_pre_key
+            assert first_spk is not None and b.uploaded_otks == 6
+            for i in range(3):  # three initiators each consume one OTK (registry pops, KNOCK uses)
+                a = _client(dev, f"init{i}")
+                async with a:
+                    await a.send(b.did, i)
+                    assert (await b.wait_for(from_=a.did, timeout=10)).payload == i
+            await asyncio.sleep(0.5)
+            # 6 - 2 = 4 < 5 triggered a top-up to 6 (new ids 6 and 7), the third KNOCK left 5
+            assert [o.key_id for o in b.prekeys.one_time_pre_keys] == [3, 4, 5, 6, 7]
+            assert b.uploaded_otks == 6
+            assert b.prekeys.signed_pre_key is first_spk  # not replaced by a top-up
+            now[0] += b.signed_prekey_rotation + 1  # a week later
+            for _ in range(50):
+                await asyncio.sleep(0.1)
+                if b.prekeys.signed_pre_key is not first_spk:
+                    break
+            assert b.prekeys.signed_pre_key is not first_spk
+            assert first_spk in b.prekeys.retired_signed_pre_keys  # kept for in-flight KNOCKs
+            late = _client(dev, "late")
+            async with late:  # the registry serves the new bundle; the session works
+                await late.send(b.did, "after rotation")
+                assert (await b.wait_for(from_=late.did, timeout=10)).payload == "after rotation"
+    finally:
+        dev.stop()

@@ -170,6 +170,8 @@ class MeshClient:
         self.replenish_below = replenish_below
         self.signed_prekey_rotation = signed_prekey_rotation
         self.signed_prekey_retention = signed_prekey_retention
+        #: how often a connected client checks pre-key rotation and replenishment (seconds)
+        self.prekey_check_interval = 3600.0
         self.heartbeat_interval = heartbeat_interval
         self.connect_timeout = connect_timeout
         self.registry_timeout = registry_timeout
@@ -628,6 +630,7 @@ class MeshClient:
             await self._emit_error("session_desync", peer, f"automatic re-KNOCK failed: {exc}")
 
     async def _tick_loop(self) -> None:
+        next_prekey_check = time.monotonic() + self.prekey_check_interval
         while True:
             deadline = self.protocol.next_deadline()
             now = self._clock()
@@ -637,6 +640,11 @@ class MeshClient:
                 step = self.protocol.tick(self._clock(), self._random)
             if step.frames or step.events or step.acks:
                 await self._apply(step)
+            if time.monotonic() >= next_prekey_check and not self._replenishing:
+                # a long-lived client rotates its signed pre-key without reconnecting
+                next_prekey_check = time.monotonic() + self.prekey_check_interval
+                self._replenishing = True
+                self._spawn(self._replenish(), "agt-mesh-prekeys")
 
     async def _on_transport_connect(self) -> None:
         for frame in self.protocol.unanswered_knocks():
