@@ -46,7 +46,9 @@ def _session_ek(client: MeshClient) -> str:
 
 
 async def recv(state: Path, relay: str, registry: str, out: Path, count: int) -> None:
-    client = MeshClient(state / "identity.json", relay_url=relay, registry_url=registry, connect_timeout=10)
+    client = MeshClient(
+        state / "identity.json", relay_url=relay, registry_url=registry, connect_timeout=10, receipt_timeout=2.0
+    )
     client.on_error(lambda kind, peer, detail: print(f"ERROR {kind} {detail}", flush=True))
     seen = set()
     for line in _lines(out):
@@ -68,7 +70,9 @@ async def recv(state: Path, relay: str, registry: str, out: Path, count: int) ->
 
 
 async def send(state: Path, relay: str, registry: str, progress: Path, count: int, peer: str, run: str) -> None:
-    client = MeshClient(state / "identity.json", relay_url=relay, registry_url=registry, connect_timeout=10)
+    client = MeshClient(
+        state / "identity.json", relay_url=relay, registry_url=registry, connect_timeout=10, receipt_timeout=2.0
+    )
     client.on_error(lambda kind, peer, detail: print(f"ERROR {kind} {detail}", flush=True))
     done = [int(x) for x in _lines(progress) if x.strip().isdigit()]
     start = max(done) + 1 if done else 0
@@ -79,6 +83,10 @@ async def send(state: Path, relay: str, registry: str, progress: Path, count: in
         await client.send(peer, {"i": i}, message_id=mid)
         _append(progress, str(i))
         await asyncio.sleep(0.004)
+    for _ in range(600):  # until the receiver confirmed everything (re-sending what it lost)
+        if client.protocol.unconfirmed(peer) == 0:
+            break
+        await asyncio.sleep(0.1)
     print(f"DONE {_session_ek(client)}", flush=True)
     await asyncio.sleep(0.5)
     await client.disconnect()

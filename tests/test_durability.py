@@ -89,22 +89,15 @@ class Proc:
         return {line.split()[1] for line in self.lines if line.split()[:1] in (["READY"], ["DONE"])} - {"-"}
 
 
-@pytest.fixture(scope="module")
-def dev_servers() -> Iterator[ServerPair]:
-    pair = ServerPair("dev").start()
-    yield pair
-    pair.stop()
-
-
 @pytest.mark.parametrize("victim", ["recv", "send"])
-def test_sigkill_five_times_loses_nothing(tmp_path: Path, dev_servers: ServerPair, victim: str) -> None:
-    """500 messages through the dev relay; one side is SIGKILLed at 5 random points.
+def test_sigkill_five_times_loses_nothing(tmp_path: Path, servers: ServerPair, victim: str) -> None:
+    """500 messages through the dev relay and the real AGT relay; one side is SIGKILLed at 5
+    random points and restarted each time.
 
-    (The AGT relays forget a frame once it is written to the recipient's socket, so a
-    recipient killed with frames in its socket buffer loses them at the relay; end-to-end
-    receipts that cover that case are future work.)
+    The AGT relays forget a frame once it is written to the recipient's socket, so frames
+    a killed receiver had not read are lost at the relay; the sender's end-to-end receipts
+    make it send those again (the dev relay keeps them until acked as well).
     """
-    servers = dev_servers
     count = 500
     rdir, rid = _state_dir(tmp_path, "receiver")
     sdir, _ = _state_dir(tmp_path, "sender")
@@ -137,8 +130,14 @@ def test_sigkill_five_times_loses_nothing(tmp_path: Path, dev_servers: ServerPai
     recv.finish(120)
 
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["payload"]["i"] for r in records] == list(range(count)), "every message exactly once, in order"
+    got = [r["payload"]["i"] for r in records]
+    assert sorted(got) == list(range(count)), "every message exactly once"
     assert len({r["id"] for r in records}) == count
+    if servers.kind == "dev":
+        # the dev relay keeps frames until acked, so a restarted receiver gets them in order;
+        # on AGT relays a frame lost in a dead receiver's socket comes back through the
+        # sender's re-send, after the ones that followed it
+        assert got == list(range(count)), "in per-sender order"
     assert send.errors() == [], "the sender noticed something"
     assert [e for e in recv.errors() if "duplicate" not in e] == []
     assert len(send.session_eks()) == 1 and send.session_eks() == recv.session_eks(), "session re-established"

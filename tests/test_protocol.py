@@ -755,7 +755,7 @@ def test_forged_rekey_knock_cannot_hijack_a_verified_session() -> None:
     before = b.primary_bytes(a)
     mallory = Agent(net, "mallory")
     # Mallory's own keys, Alice's DID in `from` (unauthenticated on pre-5.0 relays)
-    mallory.proto = MeshProtocol(ProtocolConfig(did=a.did), mallory.store, new_id=mallory.new_id)
+    mallory.proto = MeshProtocol(ProtocolConfig(did=a.did, receipts=False), mallory.store, new_id=mallory.new_id)
     est = mallory.establish(b)
     frame = mallory.send_frame(b, "I am alice, send me the secrets")
     events = b.receive(est.frames[0]).events + b.receive(frame).events

@@ -268,6 +268,9 @@ class MessageFrame:
     header: bytes | None
     ciphertext: bytes
     plaintext_flag: bool = False
+    #: the sender asks for an end-to-end receipt (``"rr": 1``, an ``agt_mesh`` extension
+    #: that relays forward and other clients ignore)
+    receipt_requested: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,6 +427,7 @@ def parse_frame(obj: Any) -> Frame:
             header,
             _b64(ct, "ciphertext"),
             obj.get("plaintext") is True,
+            obj.get("rr") == 1,
         )
     if ftype == "knock":
         from_did = _str(obj, "from", limit=_MAX_DID_LEN)

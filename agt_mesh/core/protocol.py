@@ -83,6 +83,8 @@ _RESYNC_PAYLOAD = {CONTROL_KEY: "resync"}
 _MAX_OUTBOX = 1000
 _MAX_PENDING_KNOCKS = 1000
 _MAX_AWAITING_VERDICT = 1000
+#: unconfirmed messages kept for a peer that has not (yet) shown it sends receipts
+_UNPROVEN_WINDOW = 200
 
 
 @dataclass
@@ -102,6 +104,15 @@ class ProtocolConfig:
     dedupe_window: int = 10_000
     desync_threshold: int = 3
     auto_resync: bool = True
+    #: end-to-end receipts between agt_mesh peers: our messages ask for one, we answer
+    #: requests, and messages a receipting peer has not confirmed are sent again
+    receipts: bool = True
+    #: resend an unconfirmed message to a receipting peer after this many seconds
+    receipt_timeout: float = 10.0
+    #: collect receipts for this long before sending them in one control message
+    receipt_delay: float = 0.3
+    #: unconfirmed messages kept per peer (the oldest are forgotten beyond this)
+    max_unconfirmed: int = 10_000
 
 
 @dataclass
@@ -119,6 +130,10 @@ class Step:
     changed: set[str] = field(default_factory=set)
     #: message ids processed for good in this step (persist them for de-duplication)
     seen: list[str] = field(default_factory=list)
+    #: ``(peer, id, frame)`` of messages sent awaiting an end-to-end receipt (persist them)
+    sent: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    #: ids of our messages the peer confirmed (forget them)
+    confirmed: list[str] = field(default_factory=list)
 
     def extend(self, other: Step) -> None:
         self.frames.extend(other.frames)
@@ -126,6 +141,8 @@ class Step:
         self.acks.extend(other.acks)
         self.changed |= other.changed
         self.seen.extend(other.seen)
+        self.sent.extend(other.sent)
+        self.confirmed.extend(other.confirmed)
 
     def ack_frames(self) -> list[dict[str, Any]]:
         return [fr.ack_frame(i) for i in self.acks]
@@ -164,6 +181,10 @@ class MeshProtocol:
         self._buffer: OrderedDict[str, deque[tuple[fr.MessageFrame, float]]] = OrderedDict()
         self._pending_knocks: dict[str, _PendingKnock] = {}
         self._outbox: dict[str, deque[tuple[str, Any]]] = {}
+        #: peers that confirm receipt of our messages (so unconfirmed ones are resent)
+        self.receipt_peers: set[str] = set()
+        self._unconfirmed: dict[str, OrderedDict[str, list[Any]]] = {}
+        self._receipts_due: dict[str, tuple[float, list[str]]] = {}
 
     @property
     def did(self) -> str:
@@ -230,6 +251,7 @@ class MeshProtocol:
         if f.id in self._seen_ids:
             step.acks.append(f.id)
             step.events.append(ErrorEvent("duplicate", peer, "duplicate message id — dropped", f.id))
+            self._want_receipt(f, now)  # the sender may have missed our receipt
             return
         session = self.sessions.get(peer)
         if f.header is None:
@@ -285,6 +307,7 @@ class MeshProtocol:
         except DuplicateMessageError as exc:
             step.acks.append(f.id)
             step.events.append(ErrorEvent("duplicate", peer, f"{exc} — dropped", f.id))
+            self._want_receipt(f, now)
             return False
         except DecryptError as exc:
             if not from_buffer:
@@ -311,9 +334,12 @@ class MeshProtocol:
         except (ValueError, RecursionError):
             step.events.append(ErrorEvent("decrypt", peer, "decrypted payload is not JSON — dropped", f.id))
         else:
-            # a control payload (resync proof) is protocol business, not the application's
-            if not (isinstance(payload, dict) and set(payload) == {CONTROL_KEY}):
+            # a control payload (resync proof, receipts) is protocol business, not the app's
+            if isinstance(payload, dict) and set(payload) == {CONTROL_KEY}:
+                self._on_control(peer, payload[CONTROL_KEY], step)
+            else:
                 step.events.append(MessageReceived(peer, payload, f.id, plaintext=False, ts=f.ts))
+        self._want_receipt(f, now)
         if session.can_send:
             self._flush_outbox(peer, session, now, random, step)
         return True
@@ -382,8 +408,10 @@ class MeshProtocol:
                 self._decrypt_into(session, f, now, random, step, from_buffer=True)
 
     def tick(self, now: float, random: RandomSource) -> Step:
-        """Expire buffered frames and overdue KNOCK verdicts. Call about once a second."""
+        """Expire buffered frames and overdue KNOCK verdicts, send receipts, re-send what
+        was not confirmed.  Call about once a second (or at :meth:`next_deadline`)."""
         step = Step()
+        self._receipts_and_resends(now, random, step)
         for knock_id, pending in list(self._pending_knocks.items()):
             if now >= pending.deadline:
                 step.extend(self.resolve_knock(knock_id, False, now, random, reason="timeout"))
@@ -413,6 +441,11 @@ class MeshProtocol:
         times = [p.deadline for p in self._pending_knocks.values()]
         waiting = {p.frame.from_did for p in self._pending_knocks.values()}
         times += [q[0][1] for peer, q in self._buffer.items() if q and peer not in waiting]
+        times += [due for due, _ in self._receipts_due.values()]
+        for peer in self.receipt_peers:
+            queue = self._unconfirmed.get(peer)
+            if queue:
+                times.append(next(iter(queue.values()))[1] + self.config.receipt_timeout)
         return min(times) if times else None
 
     # -- KNOCK ------------------------------------------------------------------------
@@ -653,7 +686,7 @@ class MeshProtocol:
                 raise MeshProtocolError(f"too many messages queued for {peer} (waiting for its first message)")
             queue.append((mid, payload))
             return step, mid
-        step.frames.append(self._encrypt_frame(session, peer, payload, now, random, mid))
+        step.frames.append(self._encrypt_frame(session, peer, payload, now, random, mid, step))
         step.changed.add(peer)
         return step, mid
 
@@ -665,18 +698,100 @@ class MeshProtocol:
         now: float,
         random: RandomSource,
         mid: str,
+        step: Step | None = None,
     ) -> dict[str, Any]:
+        """Encrypt one message; with ``step`` it asks for a receipt and is kept until confirmed."""
         assert session.primary is not None
         header, blob = session.primary.encrypt(compact_json(payload).encode(), random)
         session.last_activity = now
-        return fr.message_frame(self.did, peer, mid, fr.iso_timestamp(now), header, blob)
+        frame = fr.message_frame(self.did, peer, mid, fr.iso_timestamp(now), header, blob)
+        if self.config.receipts and step is not None:
+            frame["rr"] = 1
+            step.sent.append((peer, mid, frame))
+            self._track(peer, mid, frame, now, step)
+        return frame
 
     def _flush_outbox(self, peer: str, session: PeerSession, now: float, random: RandomSource, step: Step) -> None:
         queue = self._outbox.pop(peer, None)
         while queue:
             mid, payload = queue.popleft()
-            step.frames.append(self._encrypt_frame(session, peer, payload, now, random, mid))
+            step.frames.append(self._encrypt_frame(session, peer, payload, now, random, mid, step))
             step.changed.add(peer)
+
+    # -- end-to-end receipts ------------------------------------------------------------
+    #
+    # AGT relays forget a frame once they have written it to the recipient's socket, so a
+    # recipient that dies with frames unread loses them.  Between agt_mesh peers, messages
+    # carry ``"rr": 1``; the recipient confirms processed ids in a control message, and the
+    # sender re-sends (the identical frame: same id, same ciphertext) what a receipting peer
+    # has not confirmed.  A re-sent frame is either de-duplicated by id or decrypts normally
+    # (its key was skipped, hence cached, when later messages arrived).  Other clients
+    # ignore the extra field and never send receipts, so nothing is ever re-sent to them.
+
+    def _track(self, peer: str, mid: str, frame: dict[str, Any], now: float, step: Step | None = None) -> None:
+        queue = self._unconfirmed.setdefault(peer, OrderedDict())
+        queue[mid] = [frame, now]
+        # A peer that never sent a receipt (e.g. a TypeScript client) will never confirm
+        # anything: keep only a small window for it, in case it turns out to receipt.
+        cap = self.config.max_unconfirmed if peer in self.receipt_peers else _UNPROVEN_WINDOW
+        while len(queue) > cap:
+            dropped, _ = queue.popitem(last=False)
+            if step is not None:
+                step.confirmed.append(dropped)  # forgotten: the store drops it too
+
+    def _want_receipt(self, f: fr.MessageFrame, now: float) -> None:
+        if not (self.config.receipts and f.receipt_requested):
+            return
+        due, ids = self._receipts_due.get(f.from_did, (now + self.config.receipt_delay, []))
+        if f.id not in ids:
+            ids.append(f.id)
+        self._receipts_due[f.from_did] = (due, ids)
+
+    def _on_control(self, peer: str, control: Any, step: Step) -> None:
+        if not isinstance(control, dict):
+            return  # "resync" and future string controls need nothing here
+        ids = control.get("receipts")
+        if not isinstance(ids, list):
+            return
+        self.receipt_peers.add(peer)
+        step.changed.add(peer)
+        queue = self._unconfirmed.get(peer)
+        for mid in ids:
+            if isinstance(mid, str) and queue is not None and queue.pop(mid, None) is not None:
+                step.confirmed.append(mid)
+
+    def _receipts_and_resends(self, now: float, random: RandomSource, step: Step) -> None:
+        for peer, (due, ids) in list(self._receipts_due.items()):
+            session = self.sessions.get(peer)
+            if now < due or session is None or not session.can_send:
+                continue
+            del self._receipts_due[peer]
+            for i in range(0, len(ids), 500):
+                receipt = {CONTROL_KEY: {"receipts": ids[i : i + 500]}}
+                step.frames.append(self._encrypt_frame(session, peer, receipt, now, random, self._new_id()))
+            step.changed.add(peer)
+        budget = 500  # frames re-sent per tick, so a backlog does not burst
+        for peer in self.receipt_peers:
+            queue = self._unconfirmed.get(peer)
+            if not queue:
+                continue
+            for entry in queue.values():
+                frame, sent_at = entry
+                if now - sent_at < self.config.receipt_timeout or budget <= 0:
+                    break
+                entry[1] = now
+                step.frames.append(frame)
+                budget -= 1
+
+    def unconfirmed(self, peer: str | None = None) -> int:
+        """Messages sent and not yet confirmed by a receipt (for one peer, or all)."""
+        if peer is not None:
+            return len(self._unconfirmed.get(peer, ()))
+        return sum(len(q) for q in self._unconfirmed.values())
+
+    def restore_unconfirmed(self, peer: str, mid: str, frame: dict[str, Any], sent_at: float) -> None:
+        """Install a persisted unconfirmed message (after a restart)."""
+        self._track(peer, mid, frame, sent_at)
 
     def unanswered_knocks(self) -> list[dict[str, Any]]:
         """Our KNOCK frames that no reply or message has confirmed yet (re-send after reconnecting)."""

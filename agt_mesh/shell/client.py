@@ -138,6 +138,7 @@ class MeshClient:
         durable: bool = True,
         synchronous: str = "NORMAL",
         knock_timeout: float = 10.0,
+        receipt_timeout: float = 10.0,
         random: RandomSource = os.urandom,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -191,6 +192,7 @@ class MeshClient:
                 did=self.identity.did,
                 initiator_profile=KdfProfile.parse(profile),
                 knock_timeout=knock_timeout,
+                receipt_timeout=receipt_timeout,
             ),
             self.prekeys,
             new_id=self._new_id,
@@ -444,6 +446,10 @@ class MeshClient:
                 self.protocol.e2e_verified.add(meta.did)
             if meta.display_name:
                 self._names.setdefault(meta.did, meta.display_name)
+            if meta.receipts:
+                self.protocol.receipt_peers.add(meta.did)
+        for peer, mid, frame, sent_at in store.load_unconfirmed():
+            self.protocol.restore_unconfirmed(peer, mid, frame, sent_at)
         self.protocol.mark_seen(store.load_seen_ids())
         known = {m.message_id for m in self.inbox.peek()}
         for msg in store.load_inbox():
@@ -530,11 +536,22 @@ class MeshClient:
         if store is None:
             return
         sessions = {peer: self.protocol.sessions.get(peer) for peer in step.changed}
+        proto = self.protocol
         peers = [
-            PeerMeta(p, self.protocol.peer_profiles.get(p), self._names.get(p), p in self.protocol.e2e_verified)
+            PeerMeta(
+                p, proto.peer_profiles.get(p), self._names.get(p), p in proto.e2e_verified, p in proto.receipt_peers
+            )
             for p in step.changed
         ]
-        store.commit(sessions=sessions, peers=peers, inbox=messages, seen=step.seen, prekeys=self.prekeys)
+        store.commit(
+            sessions=sessions,
+            peers=peers,
+            inbox=messages,
+            seen=step.seen,
+            prekeys=self.prekeys,
+            sent=step.sent,
+            confirmed=step.confirmed,
+        )
 
     async def _apply(self, step: Step) -> None:
         """Commit the step's state, send its frames, deliver its events, then acknowledge."""

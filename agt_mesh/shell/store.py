@@ -43,7 +43,7 @@ from agt_mesh.shell.inbox import InboundMessage
 __all__ = ["SCHEMA_VERSION", "STORE_NAME", "PeerMeta", "StateStore", "check_state_dir"]
 
 STORE_NAME = "state.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: processed message ids kept for de-duplication
 SEEN_WINDOW = 20_000
 
@@ -61,6 +61,11 @@ _MIGRATIONS: dict[int, str] = {
     CREATE TABLE inbox (
         seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, sender TEXT NOT NULL,
         payload TEXT NOT NULL, received_at REAL NOT NULL, plaintext INTEGER NOT NULL, sender_name TEXT);
+    """,
+    2: """
+    CREATE TABLE unconfirmed (
+        id TEXT PRIMARY KEY, peer TEXT NOT NULL, frame TEXT NOT NULL, sent_at REAL NOT NULL);
+    ALTER TABLE peers ADD COLUMN receipts INTEGER NOT NULL DEFAULT 0;
     """,
 }
 
@@ -91,6 +96,8 @@ class PeerMeta:
     profile: KdfProfile | None = None
     display_name: str | None = None
     e2e_verified: bool = False
+    #: the peer confirms our messages with end-to-end receipts
+    receipts: bool = False
 
 
 class StateStore:
@@ -277,8 +284,19 @@ class StateStore:
 
     def load_peers(self) -> list[PeerMeta]:
         return [
-            PeerMeta(did, KdfProfile(p) if p else None, name, bool(v))
-            for did, p, name, v in self.db.execute("SELECT did, profile, display_name, e2e_verified FROM peers")
+            PeerMeta(did, KdfProfile(p) if p else None, name, bool(v), bool(r))
+            for did, p, name, v, r in self.db.execute(
+                "SELECT did, profile, display_name, e2e_verified, receipts FROM peers"
+            )
+        ]
+
+    def load_unconfirmed(self) -> list[tuple[str, str, dict[str, Any], float]]:
+        """``(peer, id, frame, sent_at)`` of sent messages awaiting a receipt, oldest first."""
+        return [
+            (peer, mid, json.loads(frame), sent_at)
+            for mid, peer, frame, sent_at in self.db.execute(
+                "SELECT id, peer, frame, sent_at FROM unconfirmed ORDER BY rowid"
+            )
         ]
 
     def load_seen_ids(self) -> list[str]:
@@ -300,6 +318,8 @@ class StateStore:
         inbox: Sequence[InboundMessage] = (),
         seen: Sequence[str] = (),
         prekeys: PreKeyStore | None = None,
+        sent: Sequence[tuple[str, str, dict[str, Any]]] = (),
+        confirmed: Sequence[str] = (),
     ) -> None:
         """Write everything one protocol step changed, atomically."""
         now = time.time()
@@ -315,12 +335,26 @@ class StateStore:
                     )
             for meta in peers:
                 db.execute(
-                    "INSERT INTO peers(did, profile, display_name, e2e_verified) VALUES (?, ?, ?, ?) "
+                    "INSERT INTO peers(did, profile, display_name, e2e_verified, receipts) VALUES (?, ?, ?, ?, ?) "
                     "ON CONFLICT(did) DO UPDATE SET profile=coalesce(excluded.profile, profile), "
                     "display_name=coalesce(excluded.display_name, display_name), "
-                    "e2e_verified=max(e2e_verified, excluded.e2e_verified)",
-                    (meta.did, meta.profile.value if meta.profile else None, meta.display_name, int(meta.e2e_verified)),
+                    "e2e_verified=max(e2e_verified, excluded.e2e_verified), "
+                    "receipts=max(receipts, excluded.receipts)",
+                    (
+                        meta.did,
+                        meta.profile.value if meta.profile else None,
+                        meta.display_name,
+                        int(meta.e2e_verified),
+                        int(meta.receipts),
+                    ),
                 )
+            if sent:
+                db.executemany(
+                    "INSERT OR REPLACE INTO unconfirmed(id, peer, frame, sent_at) VALUES (?, ?, ?, ?)",
+                    [(mid, peer, compact_json(frame), now) for peer, mid, frame in sent],
+                )
+            if confirmed:
+                db.executemany("DELETE FROM unconfirmed WHERE id=?", [(i,) for i in confirmed])
             if inbox:
                 db.executemany(
                     "INSERT OR IGNORE INTO inbox(id, sender, payload, received_at, plaintext, sender_name) "
