@@ -73,6 +73,7 @@ from agt_mesh.errors import (
     MeshConfigError,
     MeshCryptoError,
     MeshProtocolError,
+    TooManySkippedError,
 )
 
 __all__ = ["CONTROL_KEY", "MeshProtocol", "ProtocolConfig", "Step"]
@@ -313,7 +314,8 @@ class MeshProtocol:
             if not from_buffer:
                 self._buffer_frame(f, now, step)
                 return False
-            self._give_up(f, f"{exc.kind}: {exc}", step)
+            # a gap is not a desync: the missing messages may still come (re-sends)
+            self._give_up(f, f"{exc.kind}: {exc}", step, counts=not isinstance(exc, TooManySkippedError))
             return False
         step.changed.add(peer)
         session.failures = 0
@@ -344,13 +346,13 @@ class MeshProtocol:
             self._flush_outbox(peer, session, now, random, step)
         return True
 
-    def _give_up(self, f: fr.MessageFrame, detail: str, step: Step) -> None:
+    def _give_up(self, f: fr.MessageFrame, detail: str, step: Step, *, counts: bool = True) -> None:
         """A frame that cannot be processed: ack it, report it, count toward desync."""
         peer = f.from_did
         step.acks.append(f.id)
         step.events.append(ErrorEvent("decrypt", peer, detail, f.id))
         session = self.sessions.get(peer)
-        if session is None or session.primary is None:
+        if session is None or session.primary is None or not counts:
             return
         session.failures += 1
         step.changed.add(peer)
