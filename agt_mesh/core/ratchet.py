@@ -395,10 +395,15 @@ class DoubleRatchet:
         Raises:
             MeshStateError: if the data is not a valid state of a known version.
         """
+        # Raised outside the ``except`` block: msgpack's ExtraData error carries the unpacked
+        # (secret) state, which must not ride along as the new exception's ``__context__``.
+        failure: str | None = None
         try:
             obj: Any = msgpack.unpackb(data, raw=False, strict_map_key=True)
         except Exception as exc:  # msgpack raises several unrelated types
-            raise MeshStateError(f"ratchet state is not valid msgpack: {type(exc).__name__}") from None
+            failure = type(exc).__name__
+        if failure is not None:
+            raise MeshStateError(f"ratchet state is not valid msgpack: {failure}")
         if not isinstance(obj, list) or not obj or not isinstance(obj[0], int):
             raise MeshStateError("ratchet state has an unknown layout")
         if obj[0] != STATE_VERSION:

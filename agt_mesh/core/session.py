@@ -206,10 +206,13 @@ class PeerSession:
         Raises:
             MeshStateError: for unknown versions or corrupted data.
         """
+        failed = False  # raised outside ``except``: the msgpack error may hold the secret state
         try:
             obj = msgpack.unpackb(data, raw=False)
         except Exception:
-            raise MeshStateError("session state is not valid msgpack") from None
+            failed = True
+        if failed:
+            raise MeshStateError("session state is not valid msgpack")
         if not isinstance(obj, list) or not obj or obj[0] != SESSION_STATE_VERSION or len(obj) != 15:
             raise MeshStateError("session state has an unknown version or layout")
         try:
