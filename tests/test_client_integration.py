@@ -365,9 +365,11 @@ async def test_one_time_prekeys_are_replenished_and_signed_prekey_rotates() -> N
                     await a.send(b.did, i)
                     assert (await b.wait_for(from_=a.did, timeout=10)).payload == i
             await asyncio.sleep(0.5)
-            # 6 - 2 = 4 < 5 triggered a top-up to 6 (new ids 6 and 7), the third KNOCK left 5
-            assert [o.key_id for o in b.prekeys.one_time_pre_keys] == [3, 4, 5, 6, 7]
-            assert b.uploaded_otks == 6
+            # after two KNOCKs 4 < 5 were left on the registry: a fresh batch (ids 6..11) was
+            # published; older unused keys stay valid locally but are never published again
+            assert b.uploaded_otks == 6 and b.prekeys.next_otk_id == 12
+            ids = [o.key_id for o in b.prekeys.one_time_pre_keys]
+            assert len(ids) == 9 and {7, 8, 9, 10, 11} <= set(ids)
             assert b.prekeys.signed_pre_key is first_spk  # not replaced by a top-up
             now[0] += b.signed_prekey_rotation + 1  # a week later
             for _ in range(50):
@@ -380,5 +382,34 @@ async def test_one_time_prekeys_are_replenished_and_signed_prekey_rotates() -> N
             async with late:  # the registry serves the new bundle; the session works
                 await late.send(b.did, "after rotation")
                 assert (await b.wait_for(from_=late.did, timeout=10)).payload == "after rotation"
+    finally:
+        dev.stop()
+
+
+async def test_replenishing_never_republishes_a_handed_out_one_time_prekey() -> None:
+    """An initiator that fetched a bundle but KNOCKs late still gets its session."""
+    dev = ServerPair("dev").start()
+    try:
+        b = _client(dev, "pool", one_time_prekeys=6, replenish_below=5)
+        async with b:
+            slow = _client(dev, "slow")
+            async with slow:
+                held = await slow.registry.fetch_bundle(b.did)  # takes OTK 0, KNOCKs later
+                assert held.one_time_pre_key_id == 0
+                for i in range(2):  # two quick initiators push b below the threshold
+                    c = _client(dev, f"quick{i}")
+                    async with c:
+                        await c.send(b.did, i)
+                        assert (await b.wait_for(from_=c.did, timeout=10)).payload == i
+                await asyncio.sleep(0.5)
+                late = _client(dev, "after")
+                async with late:
+                    fresh = await late.registry.fetch_bundle(b.did)
+                    assert fresh.one_time_pre_key_id not in (0, 1, 2)  # never handed out twice
+                async with slow._lock:
+                    step = slow.protocol.establish(b.did, held, time.time(), os.urandom)
+                await slow._apply(step)
+                await slow.send(b.did, "late but fine")
+                assert (await b.wait_for(from_=slow.did, timeout=10)).payload == "late but fine"
     finally:
         dev.stop()

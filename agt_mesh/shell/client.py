@@ -32,7 +32,7 @@ from agt_mesh.core import frames as fr
 from agt_mesh.core.identity import Identity
 from agt_mesh.core.primitives import RandomSource
 from agt_mesh.core.protocol import MeshProtocol, ProtocolConfig, Step
-from agt_mesh.core.x3dh import KdfProfile, PreKeyStore
+from agt_mesh.core.x3dh import KdfProfile, OneTimePreKey, PreKeyStore
 from agt_mesh.errors import MeshConfigError, MeshError, MeshTransportError, PeerNotFoundError
 from agt_mesh.shell.identity_file import load_identity
 from agt_mesh.shell.inbox import InboundMessage, Inbox
@@ -219,6 +219,8 @@ class MeshClient:
         self._processor: asyncio.Task[None] | None = None
         self._replenishing = False
         self.uploaded_otks = 0
+        #: first id of the last published one-time pre-key batch
+        self._published_from = 0
 
     # ------------------------------------------------------------------------------
     # properties and hooks
@@ -437,6 +439,7 @@ class MeshClient:
             return
         if self.prekeys.signed_pre_key is None:
             store.load_prekeys(self.prekeys)
+            self._published_from = int(store.get_meta("otk_published_from") or 0)
         for session in store.load_sessions():
             self.protocol.restore_session(session)
         for meta in store.load_peers():
@@ -465,20 +468,28 @@ class MeshClient:
             self.prekeys.generate_signed_pre_key(self._random, created_at=now)
             self.prekeys.drop_retired_before(now - self.signed_prekey_retention)
             upload = True
-        missing = self.one_time_prekeys - len(self.prekeys.one_time_pre_keys)
-        if len(self.prekeys.one_time_pre_keys) < self.replenish_below or upload:
-            if missing > 0:
-                self.prekeys.generate_one_time_pre_keys(missing, self._random)
+        batch = None
+        if len(self._otks_on_registry()) < self.replenish_below or upload:
+            # A fresh batch, never published before: the registry may already have handed
+            # out any earlier one-time pre-key to an initiator whose KNOCK is still on its
+            # way, so re-publishing it would give it to a second initiator.  Earlier keys
+            # stay valid locally for those KNOCKs.
+            batch = self.prekeys.generate_one_time_pre_keys(self.one_time_prekeys, self._random)
+            self._published_from = self.prekeys.next_otk_id - len(batch)
             upload = True
         if upload:
-            await self._upload_bundle()
+            await self._upload_bundle(batch if batch is not None else self._otks_on_registry())
 
-    async def _upload_bundle(self) -> None:
+    def _otks_on_registry(self) -> list[OneTimePreKey]:
+        """Our unused one-time pre-keys of the last published batch (what the registry may hold)."""
+        return [o for o in self.prekeys.one_time_pre_keys if o.key_id >= self._published_from]
+
+    async def _upload_bundle(self, otks: list[OneTimePreKey]) -> None:
         spk = self.prekeys.signed_pre_key
         assert spk is not None and self._registry is not None
-        otks = self.prekeys.one_time_pre_keys
         if self.store is not None:  # private keys are durable before the public keys are published
             self.store.save_prekeys(self.prekeys)
+            self.store.set_meta("otk_published_from", str(self._published_from))
         await self._registry.upload_prekeys(spk, otks)
         self.uploaded_otks = len(otks)
 
@@ -574,7 +585,7 @@ class MeshClient:
         if (
             not self._replenishing
             and self._registry is not None
-            and len(self.prekeys.one_time_pre_keys) < self.replenish_below
+            and len(self._otks_on_registry()) < self.replenish_below
         ):
             self._replenishing = True
             self._spawn(self._replenish(), "agt-mesh-replenish")
