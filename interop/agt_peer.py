@@ -31,12 +31,13 @@ import logging
 import os
 import sys
 import time
-import traceback
 import uuid
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
+
+from control import emit, serve
 
 warnings.filterwarnings("ignore")
 
@@ -53,11 +54,6 @@ HEARTBEAT = 20.0
 PRE_KNOCK_BUFFER = 5
 PRE_KNOCK_TTL = 3.0
 OTK_COUNT = 20
-
-
-def emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n")
-    sys.stdout.flush()
 
 
 def b64(data: bytes) -> str:
@@ -593,67 +589,9 @@ class AgtPeer:
         raise SystemExit(0)
 
 
-async def handle(peer: AgtPeer, line: str) -> None:
-    try:
-        msg = json.loads(line)
-    except ValueError as exc:
-        emit({"id": None, "ok": False, "error": f"bad JSON: {exc}"})
-        return
-    mid, cmd = msg.get("id"), msg.get("cmd")
-    fn = getattr(peer, f"cmd_{cmd}", None) if isinstance(cmd, str) else None
-    if fn is None:
-        emit({"id": mid, "ok": False, "error": f"unknown command {cmd}"})
-        return
-    try:
-        out = await fn(msg)
-    except SystemExit:
-        emit({"id": mid, "ok": True})
-        raise
-    except Exception as exc:
-        log.debug("command %s failed:\n%s", cmd, traceback.format_exc())
-        reply: dict[str, Any] = {
-            "id": mid,
-            "ok": False,
-            "error": f"{type(exc).__name__}: {exc.args[0] if exc.args else exc}",
-        }
-        if isinstance(exc, TimeoutError) and len(exc.args) > 1:
-            reply["got"] = exc.args[1]
-        emit(reply)
-        return
-    emit({"id": mid, "ok": True, **out})
-
-
 async def main() -> int:
     logging.basicConfig(level=os.environ.get("AGT_PEER_LOG", "WARNING").upper(), stream=sys.stderr)
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=2**24)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    peer = AgtPeer()
-    tasks: set[asyncio.Task[None]] = set()
-    stop = asyncio.Event()
-
-    async def run(line: str) -> None:
-        try:
-            await handle(peer, line)
-        except SystemExit:
-            stop.set()
-
-    async def read() -> None:
-        while True:
-            line = await reader.readline()
-            if not line:
-                break
-            if line.strip():
-                t = asyncio.create_task(run(line.decode()))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-        stop.set()
-
-    reader_task = asyncio.create_task(read())
-    await stop.wait()
-    reader_task.cancel()
-    await peer.cmd_quit_client({})
-    return 0
+    return await serve(AgtPeer())
 
 
 if __name__ == "__main__":

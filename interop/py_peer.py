@@ -16,26 +16,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import json
 import logging
 import os
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
+
+from control import emit, serve
 
 from agt_mesh.core.identity import Identity
 from agt_mesh.shell.client import MeshClient
 from agt_mesh.shell.identity_file import save_identity
 
 log = logging.getLogger("py_peer")
-
-
-def emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n")
-    sys.stdout.flush()
 
 
 class Peer:
@@ -290,71 +285,13 @@ class Peer:
         raise SystemExit(0)
 
 
-async def handle(peer: Peer, line: str) -> None:
-    try:
-        msg = json.loads(line)
-    except ValueError as exc:
-        emit({"id": None, "ok": False, "error": f"bad JSON: {exc}"})
-        return
-    mid, cmd = msg.get("id"), msg.get("cmd")
-    fn = getattr(peer, f"cmd_{cmd}", None) if isinstance(cmd, str) else None
-    if fn is None:
-        emit({"id": mid, "ok": False, "error": f"unknown command {cmd}"})
-        return
-    try:
-        out = await fn(msg)
-    except SystemExit:
-        emit({"id": mid, "ok": True})
-        raise
-    except Exception as exc:
-        log.debug("command %s failed:\n%s", cmd, traceback.format_exc())
-        reply: dict[str, Any] = {
-            "id": mid,
-            "ok": False,
-            "error": f"{type(exc).__name__}: {exc.args[0] if exc.args else exc}",
-        }
-        if isinstance(exc, TimeoutError) and len(exc.args) > 1:
-            reply["got"] = exc.args[1]
-        emit(reply)
-        return
-    emit({"id": mid, "ok": True, **out})
-
-
 async def main() -> int:
     logging.basicConfig(
         level=os.environ.get("PY_PEER_LOG", "WARNING").upper(),
         stream=sys.stderr,
         format="[py-peer %(name)s] %(levelname)s %(message)s",
     )
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=2**24)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    peer = Peer()
-    tasks: set[asyncio.Task[None]] = set()
-    stop = asyncio.Event()
-
-    async def run(line: str) -> None:
-        try:
-            await handle(peer, line)
-        except SystemExit:
-            stop.set()
-
-    async def read() -> None:
-        while True:
-            line = await reader.readline()
-            if not line:
-                break
-            if line.strip():
-                t = asyncio.create_task(run(line.decode()))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-        stop.set()
-
-    reader_task = asyncio.create_task(read())
-    await stop.wait()
-    reader_task.cancel()
-    await peer.cmd_quit_client({})
-    return 0
+    return await serve(Peer())
 
 
 if __name__ == "__main__":
