@@ -234,7 +234,7 @@ def test_messaging_commands(dev: ServerPair, tmp_path: Path) -> None:
     assert up["display_name"] == alice
     assert "uploaded signed pre-key #2" in ok("bundle", "upload", "--rotate", *ua).out
     # a KNOCK made from the new bundle still works: reset bob's session and send again
-    assert ok("session", "reset", alice, "--json", *ub).json() == {"peer": did_a, "reset": True}
+    assert ok("session", "reset", alice, "--json", *ub).json() == {"peer": did_a, "reset": True, "moved_to_inbox": 0}
     assert ok("session", "list", "--json", *ub).json() == {"sessions": []}
     again = ok("send", "--to", alice, "after reset", "--json", *ub).json()
     assert again["knock"] is True

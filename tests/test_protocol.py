@@ -934,7 +934,8 @@ def test_plaintext_latch_after_verification_survives_reset() -> None:
 
     pt = fr.plaintext_message_frame(carol.did, b.did, "pt-live", TS0, "downgrade?")
     refused(b.receive(pt), "pt-live")
-    assert b.proto.reset_session(carol.did)
+    assert carol.did in b.proto.sessions
+    assert b.proto.reset_session(carol.did).changed == {carol.did}
     assert carol.did not in b.proto.sessions
     refused(b.receive(dict(pt, id="pt-after-reset")), "pt-after-reset")
     assert b.proto.needs_session(carol.did)

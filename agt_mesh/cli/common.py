@@ -484,6 +484,11 @@ def session_info(session: PeerSession, meta: PeerMeta | None, inbox: int = 0) ->
         "peer_identity_key": b64url_encode(ik) if ik is not None else None,
         "ratchet": ratchet,
         "inbox": inbox,
+        "sequence": {
+            "sent": session.send_seq,
+            "delivered_in_order": session.recv_seq,
+            "held_back": sum(1 for h in session.held if h.payload is not None),
+        },
     }
 
 

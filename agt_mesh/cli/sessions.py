@@ -95,6 +95,10 @@ def session_show(args: argparse.Namespace) -> int:
             ),
             ("peer identity", info["peer_identity_key"]),
             ("unread", f"{info['inbox']} message(s) in the inbox"),
+            (
+                "held back",
+                f"{info['sequence']['held_back']} message(s) waiting for an earlier one (re-sent by the peer)",
+            ),
         ]
     )
     emit(args, info, text)
@@ -111,12 +115,14 @@ def session_reset(args: argparse.Namespace) -> int:
         store = open_store(args, ident.did)
         assert store is not None  # a session was found in it
         try:
-            store.delete_session(did)
+            moved = store.delete_session(did)
         finally:
             store.close()
     if not args.json:
+        if moved:
+            diag(f"{moved} message(s) held back for an earlier one were moved to the inbox")
         diag("the next message to this peer starts a new session (KNOCK); the peer re-keys automatically")
-    emit(args, {"peer": did, "reset": True}, f"session with {did} reset")
+    emit(args, {"peer": did, "reset": True, "moved_to_inbox": moved}, f"session with {did} reset")
     return EXIT_OK
 
 

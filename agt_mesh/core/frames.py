@@ -27,6 +27,7 @@ from agt_mesh.errors import MalformedMessageError, MeshProtocolError
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
     "KNOCK_INTENT",
+    "MAX_SEQ",
     "AckFrame",
     "ConnectFrame",
     "DisconnectFrame",
@@ -61,6 +62,8 @@ KNOCK_INTENT: dict[str, Any] = {"action": "establish_session"}
 DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
 _MAX_ID_LEN = 256
 _MAX_DID_LEN = 512
+#: largest ``"sq"`` accepted (JSON numbers stay exact up to 2^53 in every language)
+MAX_SEQ = 2**53 - 1
 _U32_MAX = 0xFFFFFFFF
 
 
@@ -271,6 +274,9 @@ class MessageFrame:
     #: the sender asks for an end-to-end receipt (``"rr": 1``, an ``agt_mesh`` extension
     #: that relays forward and other clients ignore)
     receipt_requested: bool = False
+    #: the sender's sequence number for this message on the current session (``"sq"``,
+    #: an ``agt_mesh`` extension: 1, 2, ... over the receipted messages of one session)
+    seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,6 +404,13 @@ def parse_establishment(value: Any) -> Establishment:
     return Establishment(ik_b, ek_b, otk_id)
 
 
+def _seq(value: Any) -> int | None:
+    """A usable ``"sq"`` value, else ``None`` (the message is then simply not ordered)."""
+    if type(value) is int and 0 < value <= MAX_SEQ:
+        return value
+    return None
+
+
 def parse_frame(obj: Any) -> Frame:
     """Turn a decoded JSON object into a typed frame.
 
@@ -428,6 +441,7 @@ def parse_frame(obj: Any) -> Frame:
             _b64(ct, "ciphertext"),
             obj.get("plaintext") is True,
             obj.get("rr") == 1,
+            _seq(obj.get("sq")),
         )
     if ftype == "knock":
         from_did = _str(obj, "from", limit=_MAX_DID_LEN)

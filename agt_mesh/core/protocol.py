@@ -26,6 +26,12 @@ Behaviour, compared with the TypeScript ``MeshClient`` (``wire.md`` §4–§5):
   torn down (``SessionDesync``) and, with ``auto_resync``, a ``ResyncNeeded`` event asks
   the shell to KNOCK again; the new KNOCK is followed by a small control message that
   lets an ``agt_mesh`` peer switch without bothering its application.
+* Between ``agt_mesh`` peers each receipted message carries a per-session sequence
+  number (``"sq"``).  A message that arrives after a gap (its predecessor was lost in a
+  dead socket and is being re-sent) is committed and receipted but **held back** until the
+  gap fills, so the application sees each sender's messages in order; after
+  ``reorder_timeout`` the gap is given up and reported (the late message, should it come,
+  is then delivered as it arrives).
 * Plaintext peers follow the upstream 5.0.0 downgrade latch: the wire ``plaintext``
   flag never selects plaintext; only an allow-listed peer without a live session that
   has never been decrypted is handled as plaintext.
@@ -57,7 +63,7 @@ from agt_mesh.core.events import (
 )
 from agt_mesh.core.primitives import RandomSource
 from agt_mesh.core.ratchet import DoubleRatchet
-from agt_mesh.core.session import Candidate, PeerSession
+from agt_mesh.core.session import Candidate, HeldMessage, PeerSession
 from agt_mesh.core.x3dh import (
     KdfProfile,
     PreKeyBundle,
@@ -114,6 +120,11 @@ class ProtocolConfig:
     receipt_delay: float = 0.3
     #: unconfirmed messages kept per peer (the oldest are forgotten beyond this)
     max_unconfirmed: int = 10_000
+    #: hold a receipting peer's message back at most this long while an earlier one is
+    #: missing (0 turns per-sender ordering off: messages are delivered as they decrypt)
+    reorder_timeout: float = 30.0
+    #: messages held back per peer; beyond this the oldest gap is given up
+    max_held: int = 1000
 
 
 @dataclass
@@ -186,6 +197,8 @@ class MeshProtocol:
         self.receipt_peers: set[str] = set()
         self._unconfirmed: dict[str, OrderedDict[str, list[Any]]] = {}
         self._receipts_due: dict[str, tuple[float, list[str]]] = {}
+        #: peers whose session holds messages back (waiting for an earlier one)
+        self._holding: set[str] = set()
 
     @property
     def did(self) -> str:
@@ -249,12 +262,14 @@ class MeshProtocol:
 
     def _on_message(self, f: fr.MessageFrame, now: float, random: RandomSource, step: Step) -> None:
         peer = f.from_did
+        session = self.sessions.get(peer)
         if f.id in self._seen_ids:
             step.acks.append(f.id)
             step.events.append(ErrorEvent("duplicate", peer, "duplicate message id — dropped", f.id))
             self._want_receipt(f, now)  # the sender may have missed our receipt
+            if session is not None and f.seq is not None and f.header is not None:
+                self._fill_duplicate(session, f, now, random, step)
             return
-        session = self.sessions.get(peer)
         if f.header is None:
             plaintext_ok = (
                 peer in self.plaintext_peers
@@ -303,6 +318,7 @@ class MeshProtocol:
         peer = f.from_did
         assert f.header is not None
         keep_own = session.role == "initiator" and self.did < peer
+        before = session.primary
         try:
             out = session.decrypt(f.header, f.ciphertext, random, keep_own=keep_own)
         except DuplicateMessageError as exc:
@@ -322,6 +338,11 @@ class MeshProtocol:
         session.last_activity = now
         self._remember_id(f.id, step)
         step.acks.append(f.id)
+        new_stream = session.primary is not before
+        if new_stream:  # a new primary: a new message sequence in both directions
+            self._release_held(session, step, reason="the peer started a new session")
+            session.send_seq = session.recv_seq = 0
+        ordered = out.source == "primary" or new_stream
         if out.source == "candidate" and session.primary is not None and session.profile is not None:
             self.peer_profiles[peer] = session.profile
             if out.switched:
@@ -339,6 +360,8 @@ class MeshProtocol:
             # a control payload (resync proof, receipts) is protocol business, not the app's
             if isinstance(payload, dict) and set(payload) == {CONTROL_KEY}:
                 self._on_control(peer, payload[CONTROL_KEY], step)
+            elif ordered and f.seq is not None and self._ordering:
+                self._sequence(session, f.seq, f.id, payload, f.ts, now, step)
             else:
                 step.events.append(MessageReceived(peer, payload, f.id, plaintext=False, ts=f.ts))
         self._want_receipt(f, now)
@@ -357,6 +380,7 @@ class MeshProtocol:
         session.failures += 1
         step.changed.add(peer)
         if session.failures >= self.config.desync_threshold:
+            self._release_held(session, step, reason="the session broke down")
             del self.sessions[peer]
             step.events.append(SessionDesync(peer, f"{session.failures} undecryptable frames in a row ({detail})"))
             step.events.append(ErrorEvent("session_desync", peer, detail, f.id))
@@ -414,6 +438,12 @@ class MeshProtocol:
         was not confirmed.  Call about once a second (or at :meth:`next_deadline`)."""
         step = Step()
         self._receipts_and_resends(now, random, step)
+        for peer in list(self._holding):
+            session = self.sessions.get(peer)
+            if session is None:
+                self._holding.discard(peer)
+            else:
+                self._expire_held(session, now, step)
         for knock_id, pending in list(self._pending_knocks.items()):
             if now >= pending.deadline:
                 step.extend(self.resolve_knock(knock_id, False, now, random, reason="timeout"))
@@ -448,6 +478,10 @@ class MeshProtocol:
             queue = self._unconfirmed.get(peer)
             if queue:
                 times.append(next(iter(queue.values()))[1] + self.config.receipt_timeout)
+        for peer in self._holding:
+            session = self.sessions.get(peer)
+            if session is not None and session.held:
+                times.append(min(h.held_at for h in session.held) + self.config.reorder_timeout)
         return min(times) if times else None
 
     # -- KNOCK ------------------------------------------------------------------------
@@ -630,6 +664,9 @@ class MeshProtocol:
         ad = channel_ad(self.did, peer, self.prekeys.identity.x25519_public, bundle.identity_key)
         ratchet = DoubleRatchet.init_sender(init.shared_secret, bundle.signed_pre_key, ad, random)
         old = self.sessions.get(peer)
+        step = Step(changed={peer})
+        if old is not None:
+            self._release_held(old, step, reason="a new session was started")
         session = PeerSession(
             peer,
             "initiator",
@@ -641,7 +678,6 @@ class MeshProtocol:
         if old is not None and old.primary is not None:
             session.previous = old.primary
         self.sessions[peer] = session
-        step = Step(changed={peer})
         ts = fr.iso_timestamp(now)
         session.pending_knock = fr.knock_frame(self.did, peer, self._new_id(), ts, init.establishment)
         session.knock_id = session.pending_knock["id"]
@@ -676,6 +712,12 @@ class MeshProtocol:
         except (TypeError, ValueError):
             raise MeshConfigError("payload must be a JSON-serialisable value") from None
         step = Step()
+        pending = self._unconfirmed.get(peer)
+        if message_id is not None and pending is not None and message_id in pending:
+            # an application retry of a message still awaiting its receipt: the identical
+            # frame again, not a second encryption under a new sequence number
+            step.frames.append(pending[message_id][0])
+            return step, mid
         session = self.sessions.get(peer)
         if session is None:
             if peer in self.plaintext_peers and peer not in self.e2e_verified:
@@ -708,7 +750,9 @@ class MeshProtocol:
         session.last_activity = now
         frame = fr.message_frame(self.did, peer, mid, fr.iso_timestamp(now), header, blob)
         if self.config.receipts and step is not None:
+            session.send_seq += 1
             frame["rr"] = 1
+            frame["sq"] = session.send_seq
             step.sent.append((peer, mid, frame))
             self._track(peer, mid, frame, now, step)
         return frame
@@ -719,6 +763,134 @@ class MeshProtocol:
             mid, payload = queue.popleft()
             step.frames.append(self._encrypt_frame(session, peer, payload, now, random, mid, step))
             step.changed.add(peer)
+
+    # -- per-sender order -----------------------------------------------------------------
+    #
+    # Each receipted message carries ``"sq"``: 1, 2, ... per session and direction.  The
+    # receiver delivers them in that order.  One that arrives after a gap is committed (in
+    # the session state), acknowledged and receipted, but held back until the gap fills —
+    # the missing message is being re-sent, since it was never receipted.  A gap that does
+    # not fill within ``reorder_timeout`` (the sender is gone for good) is given up and
+    # reported; should the missing message still come, it is delivered as it arrives.
+    # ``"sq"`` is outside the AEAD (the frame layout is the TypeScript SDK's), so a relay
+    # that rewrites it can delay a message by ``reorder_timeout`` or reorder messages —
+    # what it could do anyway — but never drop, alter or duplicate one.
+
+    @property
+    def _ordering(self) -> bool:
+        # only a peer that receipts gets re-sends, so only then are gaps filled
+        return self.config.receipts and self.config.reorder_timeout > 0
+
+    def _sequence(
+        self,
+        session: PeerSession,
+        seq: int,
+        mid: str,
+        payload: Any,
+        ts: str | None,
+        now: float,
+        step: Step,
+        *,
+        slot: bool = False,
+    ) -> None:
+        """Deliver (or hold) the message with sequence number ``seq``; with ``slot`` (a
+        duplicate of a message already handled) just mark its number taken."""
+        peer = session.peer
+        if not self._ordering:
+            if not slot:
+                step.events.append(MessageReceived(peer, payload, mid, plaintext=False, ts=ts))
+            return
+        if seq <= session.recv_seq or any(h.seq == seq for h in session.held):
+            # late (its gap was given up) or a rewritten number: never drop a message
+            if not slot:
+                step.events.append(MessageReceived(peer, payload, mid, plaintext=False, ts=ts))
+            return
+        step.changed.add(peer)
+        if seq == session.recv_seq + 1:
+            if not slot:
+                step.events.append(MessageReceived(peer, payload, mid, plaintext=False, ts=ts))
+            session.recv_seq = seq
+            self._release_ready(session, step)
+            return
+        held = HeldMessage(seq, mid, None if slot else compact_json(payload), ts, now)
+        index = next((i for i, h in enumerate(session.held) if h.seq > seq), len(session.held))
+        session.held.insert(index, held)
+        self._holding.add(peer)
+        while len(session.held) > self.config.max_held:
+            self._skip_gap(session, step, f"more than {self.config.max_held} messages held back")
+
+    def _release_ready(self, session: PeerSession, step: Step) -> None:
+        """Deliver held messages that no longer wait for anything."""
+        held = session.held
+        while held and held[0].seq <= session.recv_seq + 1:
+            h = held.pop(0)
+            session.recv_seq = max(session.recv_seq, h.seq)
+            self._deliver_held(session.peer, h, step)
+        if not held:
+            self._holding.discard(session.peer)
+
+    def _deliver_held(self, peer: str, h: HeldMessage, step: Step) -> None:
+        if h.payload is not None:
+            step.events.append(MessageReceived(peer, json.loads(h.payload), h.message_id, plaintext=False, ts=h.ts))
+
+    def _skip_gap(self, session: PeerSession, step: Step, why: str) -> None:
+        """Give up the gap before the first held message and deliver what follows it."""
+        first = session.held[0]
+        missing = (
+            f"{session.recv_seq + 1}"
+            if first.seq == session.recv_seq + 2
+            else (f"{session.recv_seq + 1}..{first.seq - 1}")
+        )
+        step.events.append(
+            ErrorEvent(
+                "gap",
+                session.peer,
+                f"message(s) {missing} of this session did not arrive ({why}); delivering the later ones",
+                first.message_id,
+            )
+        )
+        session.recv_seq = first.seq - 1
+        step.changed.add(session.peer)
+        self._release_ready(session, step)
+
+    def _expire_held(self, session: PeerSession, now: float, step: Step) -> None:
+        """Deliver every held message that waited ``reorder_timeout`` (and those before it)."""
+        timeout = self.config.reorder_timeout
+        due = [h.seq for h in session.held if not self._ordering or now >= h.held_at + timeout]
+        if due:
+            last = max(due)
+            while session.held and session.held[0].seq <= last:
+                self._skip_gap(session, step, f"waited {timeout:g} s")
+        if not session.held:
+            self._holding.discard(session.peer)
+
+    def _release_held(self, session: PeerSession, step: Step, *, reason: str) -> None:
+        """Deliver everything held, in order (the session's sequence ends here)."""
+        while session.held:
+            self._skip_gap(session, step, reason)
+        self._holding.discard(session.peer)
+
+    def _fill_duplicate(
+        self, session: PeerSession, f: fr.MessageFrame, now: float, random: RandomSource, step: Step
+    ) -> None:
+        """A message id seen before, carrying ``"sq"``: the application re-sent a message
+        (same id, new encryption).  Its sequence slot is taken — if the primary ratchet
+        decrypts it as a new message, so it really is one of this session's."""
+        if not self._ordering or session.primary is None or f.seq is None or f.header is None:
+            return
+        if f.seq <= session.recv_seq or any(h.seq == f.seq for h in session.held):
+            return
+        try:  # a replayed frame (its key already used) proves nothing about its number
+            session.primary.decrypt(f.header, f.ciphertext, random)
+        except DecryptError:
+            return
+        step.changed.add(session.peer)
+        self._sequence(session, f.seq, f.id, None, f.ts, now, step, slot=True)
+
+    def held_back(self, peer: str | None = None) -> int:
+        """Messages decrypted but held back for an earlier one (for one peer, or all)."""
+        sessions = [self.sessions[peer]] if peer in self.sessions else [] if peer else self.sessions.values()
+        return sum(1 for s in sessions for h in s.held if h.payload is not None)
 
     # -- end-to-end receipts ------------------------------------------------------------
     #
@@ -807,14 +979,24 @@ class MeshProtocol:
     # sessions
     # ------------------------------------------------------------------------------
 
-    def reset_session(self, peer: str) -> bool:
-        """Forget the session with ``peer`` (the next send KNOCKs again)."""
+    def reset_session(self, peer: str) -> Step:
+        """Forget the session with ``peer`` (the next send KNOCKs again).
+
+        Messages it held back are delivered (``MessageReceived`` events in the step).
+        """
         self._outbox.pop(peer, None)
-        return self.sessions.pop(peer, None) is not None
+        step = Step()
+        session = self.sessions.pop(peer, None)
+        if session is not None:
+            self._release_held(session, step, reason="the session was reset")
+            step.changed.add(peer)
+        return step
 
     def restore_session(self, session: PeerSession) -> None:
         """Install a persisted session."""
         self.sessions[session.peer] = session
+        if session.held:
+            self._holding.add(session.peer)
         if session.verified:
             self.e2e_verified.add(session.peer)
         if session.profile is not None and session.verified:

@@ -8,6 +8,12 @@ A session can hold, besides its **primary** ratchet:
 * a **previous** ratchet — the primary that was replaced when the peer re-keyed (after a
   restart, or when both sides KNOCKed at once), kept to decrypt frames still in flight.
 
+It also holds the per-session message sequence of ``agt_mesh`` peers (``"sq"`` on the
+wire): how many receipted messages we sent on the primary, how far the peer's messages
+were delivered in order, and the messages **held back** because an earlier one is still
+missing (it is re-sent by the peer; see :mod:`agt_mesh.core.protocol`).  Held messages are
+decrypted and committed with the ratchet state, so a crash loses none of them.
+
 Decryption tries the primary, then the candidates, then the previous ratchet.  Every
 try is transactional (see :mod:`agt_mesh.core.ratchet`), so a failed try costs time but
 never state.
@@ -26,11 +32,13 @@ from agt_mesh.core.ratchet import DoubleRatchet
 from agt_mesh.core.x3dh import KdfProfile
 from agt_mesh.errors import DecryptError, DuplicateMessageError, MeshStateError
 
-__all__ = ["MAX_CANDIDATES", "Candidate", "DecryptOutcome", "PeerSession"]
+__all__ = ["MAX_CANDIDATES", "Candidate", "DecryptOutcome", "HeldMessage", "PeerSession"]
 
 #: Re-key candidates kept per peer (bounds the work a flood of KNOCKs can cause).
 MAX_CANDIDATES = 8
-SESSION_STATE_VERSION = 1
+SESSION_STATE_VERSION = 2
+_V1_FIELDS = 15
+_V2_FIELDS = 18
 
 
 @dataclass(slots=True)
@@ -41,6 +49,20 @@ class Candidate:
     knock_ek: bytes = b""
     #: made from a KNOCK that crossed our own, still unproven, KNOCK (simultaneous open)
     glare: bool = False
+
+
+@dataclass(slots=True)
+class HeldMessage:
+    """A decrypted message waiting for an earlier one of the same sender."""
+
+    seq: int
+    message_id: str
+    #: the payload as compact JSON text; ``None`` marks a slot filled without a message
+    #: (a re-sent duplicate of one already delivered)
+    payload: str | None
+    ts: str | None
+    #: when it was held (the protocol clock): it waits ``reorder_timeout`` at most
+    held_at: float
 
 
 @dataclass(slots=True)
@@ -76,6 +98,12 @@ class PeerSession:
     #: the peer's timestamp on its ``knock_accept`` of our KNOCK: a KNOCK it sent later is
     #: a re-key (it dropped our session), not a simultaneous open
     accept_ts: str | None = None
+    #: receipted messages we sent on the primary (the last ``"sq"`` used)
+    send_seq: int = 0
+    #: the peer's messages on the primary are delivered in order up to this ``"sq"``
+    recv_seq: int = 0
+    #: messages held back until the ones before them arrive, by ``seq``
+    held: list[HeldMessage] = field(default_factory=list)
 
     def peer_identity_key(self) -> bytes | None:
         """The peer's X25519 identity key, pinned by the primary (the AD ends ``IK_A || IK_B``)."""
@@ -169,6 +197,7 @@ class PeerSession:
             "accepted": self.accepted,
             "pending_candidates": len(self.candidates),
             "has_previous": self.previous is not None,
+            "held_back": sum(1 for h in self.held if h.payload is not None),
             "consecutive_failures": self.failures,
             "last_activity": self.last_activity,
             "ratchet": self.primary.summary() if self.primary else None,
@@ -177,7 +206,11 @@ class PeerSession:
     # -- persistence --------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
-        """Serialise (msgpack, version 1): the ratchets are nested ``DoubleRatchet`` states."""
+        """Serialise (msgpack, version 2): the ratchets are nested ``DoubleRatchet`` states.
+
+        Version 2 appended the message sequence (``send_seq``, ``recv_seq``, held messages);
+        version 1 states load with an empty sequence.
+        """
         return msgpack.packb(  # type: ignore[no-any-return]
             [
                 SESSION_STATE_VERSION,
@@ -195,6 +228,9 @@ class PeerSession:
                 json.dumps(self.pending_knock) if self.pending_knock is not None else None,
                 self.knock_id,
                 self.accept_ts,
+                self.send_seq,
+                self.recv_seq,
+                [[h.seq, h.message_id, h.payload, h.ts, h.held_at] for h in self.held],
             ],
             use_bin_type=True,
         )
@@ -213,8 +249,9 @@ class PeerSession:
             failed = True
         if failed:
             raise MeshStateError("session state is not valid msgpack")
-        if not isinstance(obj, list) or not obj or obj[0] != SESSION_STATE_VERSION or len(obj) != 15:
+        if not isinstance(obj, list) or not obj or (obj[0], len(obj)) not in ((1, _V1_FIELDS), (2, _V2_FIELDS)):
             raise MeshStateError("session state has an unknown version or layout")
+        sequence: list[Any] = obj[_V1_FIELDS:] if obj[0] == 2 else [0, 0, []]
         try:
             (
                 _,
@@ -232,7 +269,8 @@ class PeerSession:
                 knock,
                 knock_id,
                 accept_ts,
-            ) = obj
+            ) = obj[:_V1_FIELDS]
+            send_seq, recv_seq, held = sequence
             pending = json.loads(knock) if knock is not None else None
             if pending is not None and not isinstance(pending, dict):
                 raise ValueError("pending knock")
@@ -253,6 +291,18 @@ class PeerSession:
                 pending_knock=pending,
                 knock_id=str(knock_id) if knock_id is not None else None,
                 accept_ts=str(accept_ts) if accept_ts is not None else None,
+                send_seq=_count(send_seq),
+                recv_seq=_count(recv_seq),
+                held=[
+                    HeldMessage(
+                        _count(q),
+                        str(i),
+                        str(p) if p is not None else None,
+                        str(t) if t is not None else None,
+                        float(a),
+                    )
+                    for q, i, p, t, a in held
+                ],
             )
         except MeshStateError:
             raise
@@ -264,3 +314,9 @@ class PeerSession:
             f"PeerSession(peer={self.peer!r}, role={self.role!r}, profile={self.profile}, "
             f"verified={self.verified}, candidates={len(self.candidates)})"
         )
+
+
+def _count(value: Any) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError("counter")
+    return value

@@ -105,6 +105,11 @@ class MeshClient:
         heartbeat_interval: relay heartbeat period (30 s).
         connect_timeout: how long ``connect()`` may take against an unreachable relay.
         inbox_size: bound of the inbox; when full, reading from the relay pauses.
+        receipt_timeout: re-send a message an ``agt_mesh`` peer has not confirmed after
+            this many seconds (10 s).
+        reorder_timeout: hold an ``agt_mesh`` peer's message back at most this long while an
+            earlier one is missing (30 s); then the gap is reported (``on_error`` kind
+            ``"gap"``) and the later messages delivered.  0 delivers in arrival order.
         random / clock: injectable randomness and time.
     """
 
@@ -139,6 +144,7 @@ class MeshClient:
         synchronous: str = "NORMAL",
         knock_timeout: float = 10.0,
         receipt_timeout: float = 10.0,
+        reorder_timeout: float = 30.0,
         random: RandomSource = os.urandom,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -193,6 +199,7 @@ class MeshClient:
                 initiator_profile=KdfProfile.parse(profile),
                 knock_timeout=knock_timeout,
                 receipt_timeout=receipt_timeout,
+                reorder_timeout=reorder_timeout,
             ),
             self.prekeys,
             new_id=self._new_id,

@@ -389,9 +389,27 @@ class StateStore:
             self.db.executemany("DELETE FROM inbox WHERE id=?", ids)
             return self.db.total_changes - before
 
-    def delete_session(self, peer: str) -> None:
+    def delete_session(self, peer: str) -> int:
+        """Delete the session with ``peer``; messages it held back (waiting for an earlier
+        one) move to the inbox first.  Returns how many were moved."""
         with self.transaction():
-            self.db.execute("DELETE FROM sessions WHERE peer=?", (peer,))
+            db = self.db
+            row = db.execute("SELECT state FROM sessions WHERE peer=?", (peer,)).fetchone()
+            held = []
+            if row is not None:
+                try:
+                    held = [h for h in PeerSession.from_bytes(bytes(row[0])).held if h.payload is not None]
+                except MeshStateError:
+                    held = []  # nothing readable to keep
+            name = db.execute("SELECT display_name FROM peers WHERE did=?", (peer,)).fetchone()
+            now = time.time()
+            db.executemany(
+                "INSERT OR IGNORE INTO inbox(id, sender, payload, received_at, plaintext, sender_name) "
+                "VALUES (?, ?, ?, ?, 0, ?)",
+                [(h.message_id, peer, h.payload, now, name[0] if name else None) for h in held],
+            )
+            db.execute("DELETE FROM sessions WHERE peer=?", (peer,))
+            return len(held)
 
     def stats(self) -> dict[str, Any]:
         db = self.db
