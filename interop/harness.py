@@ -524,14 +524,20 @@ async def sc_out_of_order(ctx: Ctx) -> Outcome:
         await a.call("send_reversed", to=b.did, payloads=payloads)
     got = await b.expect(a, REORDERED, timeout=10)
     check(sorted(got, key=lambda p: p["seq"]) == payloads, f"B got {got}")
-    check(got == payloads[::-1], f"not delivered in reverse (arrival order): {got}")
+    if a.kind == "py" and b.kind == "py":
+        # agt_mesh peers number receipted messages and the receiver restores the sender's order
+        how += "; delivered in the sender's order"
+        check(got == payloads, f"not delivered in the sender's order: {got}")
+    else:
+        how += "; delivered in arrival order"
+        check(got == payloads[::-1], f"not delivered in reverse (arrival order): {got}")
     await b.send(a, {"after": "reorder"})
     check(await a.expect(b) == [{"after": "reorder"}], "reply after reordering missing")
     await a.send(b, {"after": "reply"})
     check(await b.expect(a) == [{"after": "reply"}], "message after reordering missing")
     errs = serious_errors(a, b)
     check(not errs, f"errors: {errs}")
-    return Outcome("pass", f"{how}; {REORDERED} frames arrived reversed and decrypted")
+    return Outcome("pass", f"{how}; {REORDERED} frames arrived reversed and all decrypted")
 
 
 async def sc_ts_restart(ctx: Ctx) -> Outcome:
