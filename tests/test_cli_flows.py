@@ -64,6 +64,7 @@ SESSION_KEYS = {
     "peer_identity_key",
     "ratchet",
     "inbox",
+    "sequence",
 }
 
 
@@ -116,12 +117,16 @@ def test_two_terminals(servers: ServerPair, tmp_path: Path) -> None:
     recv_n = seen_by_alice["ratchet"]["recv_n"]
     assert seen_by_alice["ratchet"]["has_receive_chain"] is True and 0 <= recv_n <= 2
     assert seen_by_alice["inbox"] == 0
+    # both messages were numbered by bob's client and delivered in order, none held back
+    assert seen_by_alice["sequence"] == {"sent": 0, "delivered_in_order": 2, "held_back": 0}
     text = ok("session", "show", did_b, *urls(servers, a)).out
     assert "established" in text and f"{recv_n} message(s)" in text
+    assert "held back:        0 message(s)" in text
 
     seen_by_bob = ok("session", "show", alice, "--json", *urls(servers, b)).json()
     assert seen_by_bob["peer"] == did_a and seen_by_bob["role"] == "initiator"
     assert seen_by_bob["ratchet"]["can_send"] is True and seen_by_bob["kdf_profile"] == "spec"
+    assert seen_by_bob["sequence"]["sent"] == 2
     # the peer identity key each side pinned is the other's public X25519 key
     pub_a = ok("identity", "show", "--json", "--state-dir", str(a)).json()
     assert seen_by_bob["peer_identity_key"] == pub_a["x25519_public"]
