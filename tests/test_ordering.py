@@ -8,6 +8,8 @@ from typing import Any
 
 import msgpack
 from helpers import Agent, Net, events_of, received
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agt_mesh.core import frames as fr
 from agt_mesh.core.events import ErrorEvent
@@ -303,3 +305,29 @@ def test_messages_are_delivered_in_sequence_order_under_any_arrival_order() -> N
             got += received(net.route([frame])[b.did])
         assert got == list(range(12))
         assert not [e for s in b.log for e in _gaps(s)]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 10),
+    data=st.data(),
+)
+def test_property_any_arrival_order_losses_and_duplicates_deliver_in_order_once(n: int, data: st.DataObject) -> None:
+    """Frames arrive in any order, some twice, some not at all; receipts and re-sends
+    (themselves in any order) fill the gaps: the application sees 0..n-1, once each."""
+    net = Net()
+    a, b = _pair(net)
+    frames = [a.send_frame(b, i) for i in range(n)]
+    arrivals = data.draw(st.lists(st.integers(0, n - 1), max_size=2 * n), label="arrivals")
+    got: list[Any] = []
+    for i in arrivals:
+        got += received(net.route([frames[i]])[b.did])
+    net.advance(0.5)
+    _tick_and_route(net, b)
+    resent = _resend(net, a)
+    assert sorted(f["sq"] for f in resent) == sorted(frames[i]["sq"] for i in set(range(n)) - set(arrivals))
+    order = data.draw(st.permutations(resent), label="re-sent order")
+    for frame in order:
+        got += received(net.route([frame, frame])[b.did])  # each re-send duplicated as well
+    assert got == list(range(n))
+    assert b.proto.held_back() == 0 and not [e for s in b.log for e in _gaps(s)]
