@@ -487,7 +487,7 @@ def session_info(session: PeerSession, meta: PeerMeta | None, inbox: int = 0) ->
         "sequence": {
             "sent": session.send_seq,
             "delivered_in_order": session.recv_seq,
-            "held_back": sum(1 for h in session.held if h.payload is not None),
+            "held_back": session.held_back,
         },
     }
 

@@ -796,25 +796,21 @@ class MeshProtocol:
         """Deliver (or hold) the message with sequence number ``seq``; with ``slot`` (a
         duplicate of a message already handled) just mark its number taken."""
         peer = session.peer
-        if not self._ordering:
+        # not ordered: ordering is off, or the number is late (its gap was given up) or
+        # taken (a rewritten number) — deliver at once, never drop a message
+        ordered = self._ordering and _seq_open(session, seq)
+        if not ordered or seq == session.recv_seq + 1:
             if not slot:
                 step.events.append(MessageReceived(peer, payload, mid, plaintext=False, ts=ts))
-            return
-        if seq <= session.recv_seq or any(h.seq == seq for h in session.held):
-            # late (its gap was given up) or a rewritten number: never drop a message
-            if not slot:
-                step.events.append(MessageReceived(peer, payload, mid, plaintext=False, ts=ts))
-            return
-        step.changed.add(peer)
-        if seq == session.recv_seq + 1:
-            if not slot:
-                step.events.append(MessageReceived(peer, payload, mid, plaintext=False, ts=ts))
-            session.recv_seq = seq
-            self._release_ready(session, step)
+            if ordered:
+                session.recv_seq = seq
+                step.changed.add(peer)
+                self._release_ready(session, step)
             return
         held = HeldMessage(seq, mid, None if slot else compact_json(payload), ts, now)
         index = next((i for i, h in enumerate(session.held) if h.seq > seq), len(session.held))
         session.held.insert(index, held)
+        step.changed.add(peer)
         self._holding.add(peer)
         while len(session.held) > self.config.max_held:
             self._skip_gap(session, step, f"more than {self.config.max_held} messages held back")
@@ -836,11 +832,8 @@ class MeshProtocol:
     def _skip_gap(self, session: PeerSession, step: Step, why: str) -> None:
         """Give up the gap before the first held message and deliver what follows it."""
         first = session.held[0]
-        missing = (
-            f"{session.recv_seq + 1}"
-            if first.seq == session.recv_seq + 2
-            else (f"{session.recv_seq + 1}..{first.seq - 1}")
-        )
+        gap = range(session.recv_seq + 1, first.seq)
+        missing = f"{gap[0]}" if len(gap) == 1 else f"{gap[0]}..{gap[-1]}"
         step.events.append(
             ErrorEvent(
                 "gap",
@@ -878,7 +871,7 @@ class MeshProtocol:
         decrypts it as a new message, so it really is one of this session's."""
         if not self._ordering or session.primary is None or f.seq is None or f.header is None:
             return
-        if f.seq <= session.recv_seq or any(h.seq == f.seq for h in session.held):
+        if not _seq_open(session, f.seq):  # nothing to fill: spare the decryption
             return
         try:  # a replayed frame (its key already used) proves nothing about its number
             session.primary.decrypt(f.header, f.ciphertext, random)
@@ -889,8 +882,10 @@ class MeshProtocol:
 
     def held_back(self, peer: str | None = None) -> int:
         """Messages decrypted but held back for an earlier one (for one peer, or all)."""
-        sessions = [self.sessions[peer]] if peer in self.sessions else [] if peer else self.sessions.values()
-        return sum(1 for s in sessions for h in s.held if h.payload is not None)
+        if peer is not None:
+            session = self.sessions.get(peer)
+            return session.held_back if session is not None else 0
+        return sum(s.held_back for s in self.sessions.values())
 
     # -- end-to-end receipts ------------------------------------------------------------
     #
@@ -1012,6 +1007,11 @@ class MeshProtocol:
         """Restore the de-duplication window."""
         for i in ids:
             self._remember_id(i)
+
+
+def _seq_open(session: PeerSession, seq: int) -> bool:
+    """Whether sequence number ``seq`` is still to come (neither passed nor held)."""
+    return seq > session.recv_seq and all(h.seq != seq for h in session.held)
 
 
 def _not_after(ts: str | None, reference: str | None) -> bool:

@@ -105,6 +105,11 @@ class PeerSession:
     #: messages held back until the ones before them arrive, by ``seq``
     held: list[HeldMessage] = field(default_factory=list)
 
+    @property
+    def held_back(self) -> int:
+        """Messages held back (slots taken by duplicates do not count)."""
+        return sum(1 for h in self.held if h.payload is not None)
+
     def peer_identity_key(self) -> bytes | None:
         """The peer's X25519 identity key, pinned by the primary (the AD ends ``IK_A || IK_B``)."""
         r = self.primary
@@ -197,7 +202,7 @@ class PeerSession:
             "accepted": self.accepted,
             "pending_candidates": len(self.candidates),
             "has_previous": self.previous is not None,
-            "held_back": sum(1 for h in self.held if h.payload is not None),
+            "held_back": self.held_back,
             "consecutive_failures": self.failures,
             "last_activity": self.last_activity,
             "ratchet": self.primary.summary() if self.primary else None,

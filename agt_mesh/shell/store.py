@@ -24,6 +24,7 @@ refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -356,21 +357,7 @@ class StateStore:
             if confirmed:
                 db.executemany("DELETE FROM unconfirmed WHERE id=?", [(i,) for i in confirmed])
             if inbox:
-                db.executemany(
-                    "INSERT OR IGNORE INTO inbox(id, sender, payload, received_at, plaintext, sender_name) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            m.message_id,
-                            m.sender,
-                            compact_json(m.payload),
-                            m.received_at,
-                            int(m.plaintext),
-                            m.sender_name,
-                        )
-                        for m in inbox
-                    ],
-                )
+                self._insert_inbox([(m, compact_json(m.payload)) for m in inbox])
             if seen:
                 db.executemany("INSERT OR IGNORE INTO seen_ids(id) VALUES (?)", [(i,) for i in seen])
                 last = db.execute("SELECT max(seq) FROM seen_ids").fetchone()[0] or 0
@@ -378,6 +365,14 @@ class StateStore:
                     db.execute("DELETE FROM seen_ids WHERE seq <= ?", (last - SEEN_WINDOW,))
             if prekeys is not None and prekeys.version != self._prekey_version:
                 self._write_prekeys(prekeys)
+
+    def _insert_inbox(self, rows: Sequence[tuple[InboundMessage, str]]) -> None:
+        """Add messages (each with its payload as JSON text) to the durable inbox, once."""
+        self.db.executemany(
+            "INSERT OR IGNORE INTO inbox(id, sender, payload, received_at, plaintext, sender_name) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(m.message_id, m.sender, payload, m.received_at, int(m.plaintext), m.sender_name) for m, payload in rows],
+        )
 
     def consume(self, message_ids: Iterable[str]) -> int:
         """Delete consumed messages from the durable inbox; returns how many were removed."""
@@ -397,19 +392,18 @@ class StateStore:
             row = db.execute("SELECT state FROM sessions WHERE peer=?", (peer,)).fetchone()
             held = []
             if row is not None:
-                try:
-                    held = [h for h in PeerSession.from_bytes(bytes(row[0])).held if h.payload is not None]
-                except MeshStateError:
-                    held = []  # nothing readable to keep
-            name = db.execute("SELECT display_name FROM peers WHERE did=?", (peer,)).fetchone()
-            now = time.time()
-            db.executemany(
-                "INSERT OR IGNORE INTO inbox(id, sender, payload, received_at, plaintext, sender_name) "
-                "VALUES (?, ?, ?, ?, 0, ?)",
-                [(h.message_id, peer, h.payload, now, name[0] if name else None) for h in held],
-            )
+                with contextlib.suppress(MeshStateError):  # unreadable: nothing to keep
+                    held = PeerSession.from_bytes(bytes(row[0])).held
+            row = db.execute("SELECT display_name FROM peers WHERE did=?", (peer,)).fetchone()
+            name, now = (row[0] if row else None), time.time()
+            moved = [
+                (InboundMessage(peer, None, h.message_id, now, False, name), h.payload)
+                for h in held
+                if h.payload is not None
+            ]
+            self._insert_inbox(moved)
             db.execute("DELETE FROM sessions WHERE peer=?", (peer,))
-            return len(held)
+            return len(moved)
 
     def stats(self) -> dict[str, Any]:
         db = self.db
