@@ -196,7 +196,7 @@ def prekey_signed_message(
     ``SPK`` is the X25519 signed pre-key published with a one-time key, and 32 zero bytes
     for a last-resort key (which outlives signed pre-key rotations).  Every other message
     the identity key signs is either exactly 32 bytes (an X25519 signed pre-key) or ASCII
-    text (timestamps, registration proofs); these are 1,251 bytes with a 0x00 at offset 21,
+    text (timestamps, registration proofs); these are 1,252 bytes with a 0x00 at offset 21,
     so no signature can be replayed from one context into another.
     """
     if kind is KemKeyKind.ONE_TIME:
