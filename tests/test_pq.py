@@ -673,3 +673,18 @@ def test_store_repr_hides_key_material() -> None:
     assert "one_time=3" in text
     for key in [*bob.kem_otks, bob.last_resort]:
         assert key.seed.hex()[:16] not in text
+
+
+def test_without_ml_kem_the_module_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as m:
+        m.setattr(pq, "MLKEM768PrivateKey", None)
+        pq.pq_supported.cache_clear()
+        try:
+            assert not pq.pq_supported()
+            with pytest.raises(MeshConfigError, match=r"cryptography >= 47"):
+                pq.KemPreKey.from_seed(0, pq.KemKeyKind.ONE_TIME, bytes(64), created_at=0)
+            with pytest.raises(MeshConfigError):
+                pq.kem_encapsulate(bytes(pq.KEM_PUBLIC_KEY_LEN))
+        finally:
+            pq.pq_supported.cache_clear()
+    assert pq.pq_supported()

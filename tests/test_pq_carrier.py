@@ -86,6 +86,9 @@ async def test_metadata_and_one_time_entries_survive_and_are_consumed_once(serve
     bob = Agent("bob")
     body = await _publish(servers, bob)
     did = bob.identity.did
+    # the other candidate carriers, probed: extra keys at the top level and in signed_pre_key
+    probed = {**body, "pq_probe": "top", "signed_pre_key": {**body["signed_pre_key"], "pq_probe": "spk"}}  # type: ignore[dict-item]
+    _put(servers, bob, probed)
 
     record = httpx.get(servers.registry_url + rc.agent_path(did), timeout=10).json()
     sent = pq.advert_metadata(bob.identity, bob.last_resort)[pq.PQ_METADATA_KEY]
@@ -103,6 +106,7 @@ async def test_metadata_and_one_time_entries_survive_and_are_consumed_once(serve
         # the signed pre-key block is returned as the registry rebuilt it: only the three
         # classic fields survive there, which is why the KEM keys do not ride in it
         assert set(fetched["signed_pre_key"]) == {"key_id", "public_key", "signature"}
+        assert "pq_probe" not in fetched
     assert handed_out[:OTKS] == uploaded  # verbatim, in order, each once
     assert handed_out[OTKS] is None
     kem_ids = [entry["pq"]["key_id"] for entry in uploaded]

@@ -39,6 +39,7 @@ Nothing here does I/O or reads a clock.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import json
 import struct
@@ -150,8 +151,9 @@ _FF32 = b"\xff" * 32
 KemEncapsulator = Callable[[bytes], tuple[bytes, bytes]]
 
 
+@functools.cache
 def pq_supported() -> bool:
-    """Whether this ``cryptography`` and its OpenSSL provide ML-KEM-768."""
+    """Whether this ``cryptography`` and its OpenSSL provide ML-KEM-768 (checked once)."""
     if MLKEM768PrivateKey is None:
         return False
     from cryptography.hazmat.backends.openssl.backend import backend
