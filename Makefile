@@ -41,6 +41,7 @@ bench: install node
 vectors: install node
 	node vectors/generate_ts.js
 	$$($(PY) interop/agt_venvs.py ensure core-5.0.0) vectors/generate_agt_python.py
+	$(PY) vectors/generate_pq.py
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -9,6 +9,7 @@ flat on purpose, so callers can catch what they can act on::
     ├── MeshCryptoError          a cryptographic check failed
     │   ├── BundleVerificationError   a peer's pre-key bundle is invalid or badly signed
     │   ├── PreKeyNotFoundError       a KNOCK names a one-time pre-key we do not hold
+    │   ├── DowngradeError            a peer pinned as post-quantum would be set up without it
     │   └── DecryptError              an inbound message could not be decrypted
     │       ├── MessageAuthError          AEAD tag check failed (forged, tampered, wrong key)
     │       ├── DuplicateMessageError     the message key was already used (replay/duplicate)
@@ -30,6 +31,7 @@ from __future__ import annotations
 __all__ = [
     "BundleVerificationError",
     "DecryptError",
+    "DowngradeError",
     "DuplicateMessageError",
     "IdentityFileError",
     "MalformedMessageError",
@@ -70,6 +72,15 @@ class BundleVerificationError(MeshCryptoError):
 
 class PreKeyNotFoundError(MeshCryptoError):
     """An establishment referenced a one-time pre-key that is unknown or already consumed."""
+
+
+class DowngradeError(MeshCryptoError):
+    """A session with a peer known to be post-quantum capable would be set up without it.
+
+    Raised when the registry offers no (or a stripped) ML-KEM pre-key for a peer pinned as
+    PQ-capable, or when such a peer's KNOCK carries a classic establishment.  Never a
+    fallback: only resetting trust in the peer clears the pin.
+    """
 
 
 class DecryptError(MeshCryptoError):

@@ -178,3 +178,41 @@ def test_independent_checker_agrees() -> None:
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1].endswith(" 0 failed")
+
+
+def test_pq_generator_reproduces_committed_vectors_byte_for_byte(tmp_path: Path) -> None:
+    """The post-quantum vectors come from an independent computation (no agt_mesh import):
+    the generator must rewrite the committed file exactly."""
+    out = tmp_path / "pq.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "vectors" / "generate_pq.py"), "--out", str(out)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    assert out.read_bytes() == (ROOT / "vectors" / "pq-hybrid-v1.json").read_bytes()
+
+
+def test_pq_independent_checks_agree() -> None:
+    """The plain-Python ML-KEM agrees with OpenSSL, and every recorded case recomputes with
+    OpenSSL doing key generation and decapsulation."""
+    for args in (["mlkem_ref.py"], ["generate_pq.py", "--check"]):
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "vectors" / args[0]), *args[1:]],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert proc.stdout.strip().splitlines()[-1].endswith(" 0 failed")
+
+
+def test_pq_session_with_a_tampered_ciphertext_input_fails() -> None:
+    doc = json.loads((ROOT / "vectors" / "pq-hybrid-v1.json").read_text())
+    session = copy.deepcopy(next(c for c in doc["cases"] if c["kind"] == "pq_session"))
+    session["kem_ciphertext"] = _flip(session["kem_ciphertext"])
+    result = verify_document({**doc, "cases": [session]})[0]
+    assert not result.ok and "knock establishment" in result.detail
