@@ -36,6 +36,7 @@ import os
 import re
 import secrets
 import stat
+import threading
 import time
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -91,8 +92,11 @@ MAX_TRANSFERS_TOTAL = 32
 #: A transfer that received no new chunk for this long is dropped (its slot and its reserved
 #: bytes are freed).  Honest senders send chunks back to back; 2 minutes covers a reconnect.
 TRANSFER_IDLE_TIMEOUT = 120.0
-#: The least time between two measurements of the incoming directory (a measurement is only
-#: taken when a quota check fails, so a flood past the quota cannot make us rescan constantly).
+#: The incoming directory is measured again when its last measurement is this old (files
+#: written or removed by others are noticed) ...
+MEASURE_INTERVAL = 30.0
+#: ... or when a quota check fails, but not more often than this (a flood past the quota
+#: cannot make us rescan the directory for every envelope).
 RESCAN_INTERVAL = 2.0
 #: Finished transfers remembered per receiver, to acknowledge duplicates with the same result.
 _DONE_MEMORY = 256
@@ -454,8 +458,8 @@ def _str_or(value: object, default: str) -> str:
 class FileReceiver:
     """Validates, reassembles and saves inbound files within fair limits.
 
-    Not thread-safe: call it from one thread at a time (the tools run it on a worker,
-    one envelope after another).
+    The tools call it from a worker thread, one envelope after another; a lock keeps a
+    :meth:`close` from another thread out of a transfer in progress.
 
     Args:
         incoming_dir: where files are saved.
@@ -488,6 +492,7 @@ class FileReceiver:
         self._last_scan = -1e18
         self._dropped: list[DroppedTransfer] = []
         self._cleaned = False
+        self._lock = threading.RLock()
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -516,8 +521,9 @@ class FileReceiver:
 
     def close(self) -> None:
         """Give up every transfer in progress and remove its temporary file."""
-        for key in list(self._partial):
-            self._discard(key)
+        with self._lock:
+            for key in list(self._partial):
+                self._discard(key)
 
     # -- accounting ------------------------------------------------------------------------
 
@@ -555,7 +561,8 @@ class FileReceiver:
         """Bytes of the regular files directly in the incoming directory (temporary files
         excluded: transfers in progress are counted at their announced size instead)."""
         now = self._clock()
-        if self._dir_bytes is not None and not (force and now - self._last_scan >= RESCAN_INTERVAL):
+        age = now - self._last_scan
+        if self._dir_bytes is not None and age < MEASURE_INTERVAL and not (force and age >= RESCAN_INTERVAL):
             return self._dir_bytes
         self._last_scan = now
         total = 0
@@ -695,6 +702,10 @@ class FileReceiver:
         Raises:
             FileTransferError: the transfer is refused (nothing is saved).
         """
+        with self._lock:
+            return self._accept_single(sender, env)
+
+    def _accept_single(self, sender: str, env: dict[str, Any]) -> ReceivedFile:
         self._expire()
         transfer_id = env.get("transfer_id") if isinstance(env.get("transfer_id"), str) else None
         done = self.completed(sender, transfer_id)
@@ -765,6 +776,10 @@ class FileReceiver:
         Raises:
             FileTransferError: the transfer is refused (its partial data is dropped).
         """
+        with self._lock:
+            return self._accept_chunk(sender, env)
+
+    def _accept_chunk(self, sender: str, env: dict[str, Any]) -> ReceivedFile | None:
         self._expire()
         transfer_id = env.get("transfer_id")
         if not isinstance(transfer_id, str) or not transfer_id or len(transfer_id) > 128:
