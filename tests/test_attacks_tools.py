@@ -137,7 +137,7 @@ async def test_injected_transfer_requests_for_secrets_are_refused_and_nothing_is
                 # the defaults: an outbox and an incoming directory next to the state, not in it
                 assert outbox == tmp_path / "victim" / "state-files" / "outbox"
                 assert tools.roots.incoming == tmp_path / "victim" / "state-files" / "incoming"
-                assert stat.S_IMODE(outbox.stat().st_mode) == 0o700
+                assert stat.S_IMODE(outbox.stat().st_mode) == stat.S_IMODE(outbox.parent.stat().st_mode) == 0o700
                 identity = state / "identity.json"
                 for f in ("state.db", "state.db-wal", "state.db-shm", ".mesh-prekeys.lock"):
                     assert (state / f).exists(), f  # the files under attack really exist

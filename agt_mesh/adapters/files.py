@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from agt_mesh.adapters import envelopes as envs
-from agt_mesh.adapters.paths import FileRoots, PathRefused, fd_path, open_below_root
+from agt_mesh.adapters.paths import FileRoots, PathRefused, fd_path, make_private_dirs, open_below_root
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -188,7 +188,7 @@ def _spool_name() -> str:
 def _open_dir(path: Path, roots: FileRoots | None = None) -> int:
     """A descriptor of the incoming directory (created 0700 if missing; its last component
     is never a symlink), refused if it really lies inside a protected path."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dirs(path)
     dfd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC | _O_NOFOLLOW)
     if roots is not None:
         real = fd_path(dfd) or os.path.realpath(path)

@@ -44,6 +44,7 @@ __all__ = [
     "default_file_dirs",
     "fd_path",
     "is_below",
+    "make_private_dirs",
     "open_below_root",
 ]
 
@@ -101,6 +102,21 @@ def fd_path(fd: int) -> str | None:
     return target if target.startswith("/") and not target.endswith(" (deleted)") else None
 
 
+def make_private_dirs(path: Path) -> None:
+    """Create ``path`` and its missing parents with mode 0700 (``Path.mkdir(parents=True)``
+    would create the parents with the umask's mode: the files home holds received files)."""
+    missing = []
+    p = path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+
+
 def _real(path: Path) -> str:
     return os.path.realpath(os.path.abspath(path))
 
@@ -153,7 +169,7 @@ class FileRoots:
         """
         for what, path in (("files root", self.outbox), ("incoming directory", self.incoming)):
             try:
-                path.mkdir(parents=True, exist_ok=True, mode=0o700)
+                make_private_dirs(path)
             except OSError as exc:
                 raise MeshConfigError(f"cannot create the {what} {path}: {exc.strerror or exc}") from None
             if not path.is_dir():
