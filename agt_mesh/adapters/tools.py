@@ -51,6 +51,7 @@ import logging
 import math
 import re
 import time
+import unicodedata
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -94,6 +95,7 @@ __all__ = [
     "ToolSpec",
     "error_result",
     "is_did",
+    "peer_label",
 ]
 
 log = logging.getLogger("agt_mesh.adapters")
@@ -134,6 +136,18 @@ _DID_RE = re.compile(r"^did:[a-z0-9]+:[A-Za-z0-9._%:-]{1,200}$")
 def is_did(value: object) -> bool:
     """Whether ``value`` has the shape of a DID (``did:<method>:<id>``)."""
     return isinstance(value, str) and _DID_RE.fullmatch(value) is not None
+
+
+#: Longest peer-chosen label (a display name, a message type) quoted into a prompt.
+MAX_LABEL_CHARS = 64
+
+
+def peer_label(text: object) -> str:
+    """A peer-chosen name made safe to quote into a prompt or a log line: printable, one
+    line, at most ``MAX_LABEL_CHARS`` characters (``"?"`` if nothing is left)."""
+    raw = text if isinstance(text, str) else ""
+    clean = "".join(ch for ch in raw if unicodedata.category(ch)[0] not in ("C", "Z") or ch == " ").strip()
+    return (clean[:MAX_LABEL_CHARS] + "…") if len(clean) > MAX_LABEL_CHARS else (clean or "?")
 
 
 class _Window:
