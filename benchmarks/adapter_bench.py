@@ -52,9 +52,9 @@ async def _run(messages: int, rounds: int) -> dict[str, Any]:
         sender, receiver = clients
         assert receiver.display_name is not None
         tmp = Path(tempfile.mkdtemp())
-        tools = MeshTools(sender, AdapterConfig(incoming_dir=tmp / "a"))
+        tools = MeshTools(sender, AdapterConfig(incoming_dir=tmp / "a", files_root=tmp / "a-out"))
         tools.start()
-        rtools = MeshTools(receiver, AdapterConfig(incoming_dir=tmp / "b"))
+        rtools = MeshTools(receiver, AdapterConfig(incoming_dir=tmp / "b", files_root=tmp / "b-out"))
         rtools.start()
         did, name = receiver.did, receiver.display_name
         await sender.send(did, "warm-up")  # KNOCK + session before timing

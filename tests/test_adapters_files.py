@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from agt_mesh.adapters.files import (
     sanitize_name,
     save_incoming,
 )
+from agt_mesh.adapters.paths import FileRoots
 from agt_mesh.shell.inbox import InboundMessage
 
 MiB = 1024 * 1024
@@ -40,41 +42,43 @@ async def _acks(seen: list[InboundMessage], n: int) -> list[dict[str, Any]]:
 
 async def test_5_mib_random_file_arrives_byte_identical(tmp_path: Path) -> None:
     data = os.urandom(5 * MiB)
-    src = tmp_path / "payload.bin"
-    src.write_bytes(data)
     async with agents(tmp_path, "tx", "rx") as (_, [tx, rx]):
+        src = tx.outbox / "payload.bin"
+        src.write_bytes(data)
         r = await tx.tools.call(
             "mesh_transfer_file",
-            {"to": rx.name, "file_path": str(src), "description": "random bytes", "timeout_seconds": 60},
+            {"to": rx.name, "file_path": "payload.bin", "description": "random bytes", "timeout_seconds": 60},
         )
         assert r["status"] == "delivered", r
-        assert r["chunks"] == 20 and r["size_bytes"] == 5 * MiB
+        assert r["chunks"] == 20 and r["size_bytes"] == 5 * MiB and r["file_path"] == "payload.bin"
         assert r["sha256"] == hashlib.sha256(data).hexdigest()
-        saved = Path(r["saved_to"])
-        assert saved.parent == rx.incoming.resolve() and saved.name == r["saved_as"] == "payload.bin"
+        # the ack names the saved file relative to the receiver's incoming directory
+        assert r["saved_to"] == r["saved_as"] == "payload.bin"
+        saved = rx.incoming / r["saved_as"]
         assert hashlib.sha256(saved.read_bytes()).hexdigest() == r["sha256"]
         assert saved.stat().st_mode & 0o777 == 0o600
-        # the receiving model sees a short notice, never the data
+        # the receiving model sees a short notice, never the data nor an absolute path
         inbox = await rx.tools.call("mesh_inbox", {})
         (notice,) = inbox["messages"]
         assert notice["type"] == "file_received" and notice["from_name"] == tx.name
-        assert notice["file"]["sha256"] == r["sha256"] and notice["file"]["saved_to"] == str(saved)
+        assert notice["file"]["sha256"] == r["sha256"] and notice["file"]["saved_as"] == "payload.bin"
         assert notice["file"]["description"] == "random bytes"
+        assert str(tmp_path) not in json.dumps(inbox)
         assert len(str(inbox)) < 2000
-        # sending the same name again never overwrites
+        # sending the same name again (an absolute path inside the outbox) never overwrites
         r2 = await tx.tools.call("mesh_transfer_file", {"to": rx.name, "file_path": str(src), "timeout_seconds": 60})
         assert r2["status"] == "delivered" and r2["saved_as"] == "payload-1.bin"
         assert sorted(p.name for p in rx.incoming.iterdir()) == ["payload-1.bin", "payload.bin"]
 
 
 async def test_size_cap_refused_before_sending(tmp_path: Path) -> None:
-    big = tmp_path / "big.bin"
-    with big.open("wb") as f:
-        f.truncate(30 * MiB + 1)
-    exact = tmp_path / "exact.bin"
-    with exact.open("wb") as f:
-        f.truncate(30 * MiB)
     async with agents(tmp_path, "tx", "rx") as (_, [tx, rx]):
+        big = tx.outbox / "big.bin"
+        with big.open("wb") as f:
+            f.truncate(30 * MiB + 1)
+        exact = tx.outbox / "exact.bin"
+        with exact.open("wb") as f:
+            f.truncate(30 * MiB)
         sent: list[object] = []
         assert tx.client.transport is not None
         tx.client.transport.on_send = sent.append
@@ -82,12 +86,12 @@ async def test_size_cap_refused_before_sending(tmp_path: Path) -> None:
         assert r["error"]["kind"] == "too_large" and "nothing was sent" in r["error"]["message"]
         assert tx.client.sessions() == [] and sent == []  # not even a KNOCK went out
         with pytest.raises(FileTransferError) as exc:
-            read_outgoing(str(big))
+            read_outgoing("big.bin", tx.tools.roots)
         assert exc.value.kind == "too_large"
-        assert read_outgoing(str(exact)).size == 30 * MiB  # the cap itself is allowed
+        assert read_outgoing("exact.bin", tx.tools.roots).size == 30 * MiB  # the cap itself is allowed
         # a configurable cap
         tx.tools.config.max_file_bytes = 1000
-        small = tmp_path / "small.bin"
+        small = tx.outbox / "small.bin"
         small.write_bytes(b"x" * 1001)
         r = await tx.tools.call("mesh_transfer_file", {"to": rx.name, "file_path": str(small)})
         assert r["error"]["kind"] == "too_large"
@@ -96,9 +100,8 @@ async def test_size_cap_refused_before_sending(tmp_path: Path) -> None:
 async def test_receiver_refuses_oversized_and_corrupt_transfers(tmp_path: Path) -> None:
     async with agents(tmp_path, "tx", "rx") as (_, [tx, rx]):
         rx.tools.receiver.max_bytes = 100_000
-        src = tmp_path / "f.bin"
-        src.write_bytes(os.urandom(200_000))
-        r = await tx.tools.call("mesh_transfer_file", {"to": rx.name, "file_path": str(src), "timeout_seconds": 10})
+        (tx.outbox / "f.bin").write_bytes(os.urandom(200_000))
+        r = await tx.tools.call("mesh_transfer_file", {"to": rx.name, "file_path": "f.bin", "timeout_seconds": 10})
         assert r["status"] == "rejected" and "limit" in r["error"]
         # a chunk whose data does not match the announced sha256
         data = os.urandom(1000)
@@ -168,9 +171,9 @@ async def test_hostile_names_saved_safely_inside_incoming(tmp_path: Path) -> Non
             assert p["success"] is False and "file_name" in p["error"]  # refused, nothing saved
             continue
         assert p["success"] is True, p
-        path = Path(p["saved_to"])
-        assert path.parent == incoming.resolve(), p
-        assert not path.is_symlink()
+        assert p["saved_to"] == p["saved_as"] and "/" not in p["saved_as"], p
+        path = incoming / p["saved_as"]
+        assert path.is_file() and not path.is_symlink()
         saved[p["file_name"]] = p["saved_as"]
     assert saved["../../etc/passwd"] == "passwd-1"  # the planted symlink was neither followed nor replaced
     assert saved["/abs"] == "abs"
@@ -215,7 +218,7 @@ def test_chunks_reassemble_in_any_order_with_duplicates(tmp_path: Path) -> None:
     data = os.urandom(3 * DEFAULT_CHUNK_BYTES + 123)
     src = tmp_path / "f.bin"
     src.write_bytes(data)
-    out = read_outgoing(str(src))
+    out = read_outgoing("f.bin", FileRoots(tmp_path, tmp_path / "in"))
     chunks = plan_envelopes(out, transfer_id="t1", description="d", from_agent="a")
     assert [c["type"] for c in chunks] == [envs.FILE_CHUNK] * 4
     assert all(len(c["data"]) <= DEFAULT_CHUNK_BYTES * 4 // 3 + 4 for c in chunks)
@@ -234,17 +237,23 @@ def test_read_outgoing_root_confinement(tmp_path: Path) -> None:
     root = tmp_path / "sandbox"
     root.mkdir()
     (root / "ok.txt").write_text("ok")
+    (root / "sub").mkdir()
+    (root / "sub" / "deep.txt").write_text("deep")
+    (root / "inner-link").symlink_to(root / "sub" / "deep.txt")  # stays inside: allowed
     secret = tmp_path / "secret.txt"
     secret.write_text("no")
     (root / "link").symlink_to(secret)
-    assert read_outgoing("ok.txt", root=root).data == b"ok"
-    for bad in ("../secret.txt", str(secret), "link"):
+    roots = FileRoots(root, tmp_path / "in")
+    assert read_outgoing("ok.txt", roots).data == b"ok"
+    assert read_outgoing("sub/deep.txt", roots).relative == "sub/deep.txt"
+    assert read_outgoing(str(root / "inner-link"), roots).data == b"deep"
+    for bad in ("../secret.txt", str(secret), "link", "/etc/passwd"):
         with pytest.raises(FileTransferError) as exc:
-            read_outgoing(bad, root=root)
+            read_outgoing(bad, roots)
         assert exc.value.kind == "path_outside_root"
     with pytest.raises(FileTransferError) as exc:
-        read_outgoing(str(root))
+        read_outgoing(str(root), roots)
     assert exc.value.kind == "not_a_file"
     with pytest.raises(FileTransferError) as exc:
-        read_outgoing("missing.txt", root=root)
+        read_outgoing("missing.txt", roots)
     assert exc.value.kind == "not_found"

@@ -159,6 +159,7 @@ async def test_hermes_plugin_end_to_end(tmp_path: Path, monkeypatch: pytest.Monk
         suffix = plugin_dir.stat().st_ino % 100000
         me, peer_name = f"hermes-{suffix}", f"peer-{suffix}"
         incoming = tmp_path / "sandbox-incoming"
+        peer = make_client(mesh, peer_name)
         for key, value in {
             "HERMES_HOME": str(hermes_home),
             "AGT_RELAY_URL": mesh.relay_url,
@@ -166,6 +167,7 @@ async def test_hermes_plugin_end_to_end(tmp_path: Path, monkeypatch: pytest.Monk
             "AGT_MESH_NAME": me,
             "KARS_INCOMING_DIR": str(incoming),
             "KARS_MESH_AUTO_RESPONDER": "1",
+            "KARS_MESH_ALLOW": peer.did,
             "KARS_MESH_EAGER": "1",
         }.items():
             monkeypatch.setenv(key, value)
@@ -182,14 +184,15 @@ async def test_hermes_plugin_end_to_end(tmp_path: Path, monkeypatch: pytest.Monk
         await asyncio.to_thread(module.register, ctx)
         plugin = hermes_mod.get_plugin()
         assert plugin is not None
-        peer = make_client(mesh, peer_name)
         await peer.connect()
-        peer_tools = MeshTools(peer, AdapterConfig(incoming_dir=tmp_path / "peer-incoming"))
+        peer_tools = MeshTools(
+            peer, AdapterConfig(incoming_dir=tmp_path / "peer-incoming", files_root=tmp_path / "peer-outbox")
+        )
 
         async def peer_answers(req: TaskRequest, progress: Any) -> str:
             return f"peer got: {req.content}"
 
-        AutoResponder(peer_tools, peer_answers).attach()
+        AutoResponder(peer_tools, peer_answers, allow=[plugin.tools.client.did]).attach()
         peer_tools.start()
         try:
             assert sorted(ctx.tools) == sorted(KARS_NAMES.values())
@@ -229,16 +232,30 @@ async def test_hermes_plugin_end_to_end(tmp_path: Path, monkeypatch: pytest.Monk
                 await asyncio.sleep(0.05)
             injected, role, session = ctx.injected[0]
             assert "fyi" in injected and peer_name in injected and role == "user" and session == "sess-1"
+            # framed as untrusted data between markers the peer cannot predict
+            assert "UNTRUSTED PEER MESSAGE BEGINS" in injected and "not by the user" in injected
+            assert injected.index("BEGINS>>>") < injected.index("fyi") < injected.index("MESSAGE ENDS>>>")
 
-            # files both ways
-            src = tmp_path / "notes.txt"
-            src.write_text("some notes")
-            r = await _call(ctx, "kars_mesh_transfer_file", {"to": peer_name, "file_path": str(src)})
-            assert r["status"] == "delivered" and Path(r["saved_to"]).read_text() == "some notes"
-            r = await peer_tools.call("mesh_transfer_file", {"to": me, "file_path": str(src), "timeout_seconds": 10})
-            assert r["status"] == "delivered" and Path(r["saved_to"]).parent == incoming.resolve()
+            # files both ways, each from the sender's outbox (Hermes': next to HERMES_HOME)
+            outbox = Path(status["outbox_dir"])
+            assert outbox == tmp_path / "hermes-home-files" / "outbox"
+            (outbox / "notes.txt").write_text("some notes")
+            r = await _call(ctx, "kars_mesh_transfer_file", {"to": peer_name, "file_path": "notes.txt"})
+            assert (
+                r["status"] == "delivered" and (tmp_path / "peer-incoming" / r["saved_as"]).read_text() == "some notes"
+            )
+            (tmp_path / "peer-outbox" / "notes.txt").write_text("peer notes")
+            r = await peer_tools.call("mesh_transfer_file", {"to": me, "file_path": "notes.txt", "timeout_seconds": 10})
+            assert r["status"] == "delivered" and (incoming / r["saved_as"]).read_text() == "peer notes"
             inbox = await _call(ctx, "kars_mesh_inbox", {"mode": "consume"})
             assert [m["type"] for m in inbox["messages"]] == ["file_received"]
+            # Hermes' own home (identity, config) is never sent
+            r = await _call(
+                ctx,
+                "kars_mesh_transfer_file",
+                {"to": peer_name, "file_path": str(hermes_home / ".agt" / "identity.json")},
+            )
+            assert r["error"]["kind"] == "protected_path"
 
             found = await _call(ctx, "kars_discover", {"query": peer_name})
             assert found["agents"][0]["did"] == peer.did

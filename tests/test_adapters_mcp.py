@@ -61,13 +61,13 @@ async def test_mcp_server_over_stdio(tmp_path: Path) -> None:
     async with DevMesh() as mesh:
         bob = make_client(mesh, other)
         await bob.connect()
-        bob_tools = MeshTools(bob, AdapterConfig(incoming_dir=tmp_path / "bob-in"))
+        bob_tools = MeshTools(bob, AdapterConfig(incoming_dir=tmp_path / "bob-in", files_root=tmp_path / "bob-out"))
 
         async def answer(req: TaskRequest, progress: Any) -> str:
             await asyncio.sleep(0.2)
             return f"bob read {req.content!r} from {req.sender_name}"
 
-        AutoResponder(bob_tools, answer).attach()
+        AutoResponder(bob_tools, answer, allow=lambda did: True).attach()  # the MCP agent's DID is made later
         bob_tools.start()
         state = tmp_path / "mcp-state"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -188,7 +188,7 @@ async def test_backend_clear_errors(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_responder_over_the_mesh_with_progress_timeout_and_cancel(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("API_SERVER_KEY", KEY)
     async with (
@@ -196,7 +196,7 @@ async def test_responder_over_the_mesh_with_progress_timeout_and_cancel(
         agents(tmp_path, "asker", "hermes") as (_, [asker, hermes]),
     ):
         backend = HermesAPIBackend(server.url)
-        responder = AutoResponder(hermes.tools, backend, progress_interval=0.1, heartbeat=0.3)
+        responder = AutoResponder(hermes.tools, backend, allow=[asker.client.did], progress_interval=0.1, heartbeat=0.3)
         responder.attach()
         try:
             # 1.2 s of streaming against a 0.5 s idle timeout: progress ticks keep the asker waiting
@@ -219,13 +219,18 @@ async def test_responder_over_the_mesh_with_progress_timeout_and_cancel(
                 await asyncio.sleep(0.05)
             assert server.cancelled == 1
 
-            # a wrong key comes back as a clear ok:false answer, not silence
+            # a wrong key comes back as an ok:false answer, not silence; what went wrong (the
+            # upstream's 401) is in the local log under the reference, never in the answer
             responder.timeout = 30
             monkeypatch.setenv("API_SERVER_KEY", "nope")
+            caplog.set_level("INFO", logger="agt_mesh.adapters.responder")
             r = await asker.tools.call(
                 "mesh_send", {"to": hermes.name, "content": "x", "await_reply": True, "timeout_seconds": 5}
             )
-            assert r["ok"] is False and "WORKER_ERROR" in r["reply"] and "401" in r["reply"]
+            assert r["ok"] is False and r["reply"].startswith("WORKER_ERROR: the request could not be answered (ref ")
+            assert "401" not in r["reply"] and server.url not in r["reply"] and "API_SERVER_KEY" not in r["reply"]
+            ref = r["reply"].rsplit("ref ", 1)[1].rstrip(")")
+            assert any(ref in rec.getMessage() and "401" in rec.getMessage() for rec in caplog.records)
         finally:
             await backend.aclose()
 
@@ -250,11 +255,17 @@ async def test_bridge_cli_end_to_end(tmp_path: Path) -> None:
             "--api-url",
             server.url,
             "--api-key-env",
-            "BRIDGE_KEY",
         ]
+        # without an allow list the bridge does not start: it would spend the key on anyone's text
+        bad = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code, *args, "BRIDGE_KEY", env=env, stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await asyncio.wait_for(bad.communicate(), 30)
+        assert bad.returncode == 1 and b"--allow DID" in err
+        args += ["BRIDGE_KEY", "--allow", asker.client.did]
         # a refused key is reported before the bridge joins the mesh
         bad = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", code, *args[:-1], "NO_SUCH_VAR", stderr=asyncio.subprocess.PIPE
+            sys.executable, "-c", code, *args[:-3], "NO_SUCH_VAR", *args[-2:], stderr=asyncio.subprocess.PIPE
         )
         _, err = await asyncio.wait_for(bad.communicate(), 30)
         assert bad.returncode == 4 and b"NO_SUCH_VAR" in err
@@ -264,7 +275,7 @@ async def test_bridge_cli_end_to_end(tmp_path: Path) -> None:
         try:
             assert proc.stderr is not None
             line = await asyncio.wait_for(proc.stderr.readline(), 30)
-            while b"answers through" not in line:
+            while b"allowed peer(s) through" not in line:
                 line = await asyncio.wait_for(proc.stderr.readline(), 30)
             r = await asker.tools.call(
                 "mesh_send", {"to": name, "content": "ping", "await_reply": True, "timeout_seconds": 20}

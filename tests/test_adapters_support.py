@@ -75,6 +75,7 @@ class Agent:
     client: MeshClient
     tools: MeshTools
     incoming: Path
+    outbox: Path
 
     @property
     def name(self) -> str:
@@ -104,9 +105,10 @@ async def agents(tmp: Path, *names: str, **config: Any) -> AsyncIterator[tuple[D
                 client = make_client(mesh, f"{name}-{suffix}")
                 await client.connect()
                 incoming = tmp / f"incoming-{name}"
-                tools = MeshTools(client, AdapterConfig(incoming_dir=incoming, **config))
+                outbox = tmp / f"outbox-{name}"
+                tools = MeshTools(client, AdapterConfig(incoming_dir=incoming, files_root=outbox, **config))
                 tools.start()
-                out.append(Agent(client, tools, incoming))
+                out.append(Agent(client, tools, incoming, outbox))
             yield mesh, out
         finally:
             for agent in out:

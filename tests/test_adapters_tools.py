@@ -103,7 +103,7 @@ async def test_send_await_reply_with_progress_resetting_idle_timeout(tmp_path: P
                 await progress("streaming", f"step {i}")
             return f"done: {req.content} (for {req.sender_name})"
 
-        responder = AutoResponder(w.tools, slow, progress_interval=0.1, heartbeat=0.2)
+        responder = AutoResponder(w.tools, slow, allow=[a.client.did], progress_interval=0.1, heartbeat=0.2)
         responder.attach()
         r = await a.tools.call(
             "mesh_send", {"to": w.name, "content": "work", "await_reply": True, "timeout_seconds": 0.6}
@@ -146,8 +146,8 @@ async def test_responder_loop_guard_rate_limit_and_busy(tmp_path: Path) -> None:
             return "ok " + req.content
 
         # both sides auto-respond: answers are task_responses and are never answered again
-        AutoResponder(x.tools, answer).attach()
-        ry = AutoResponder(y.tools, answer, max_per_peer=2, window=60)
+        AutoResponder(x.tools, answer, allow=[y.client.did]).attach()
+        ry = AutoResponder(y.tools, answer, allow=[x.client.did], max_per_peer=2, window=60)
         ry.attach()
         r = await x.tools.call("mesh_send", {"to": y.name, "content": "1", "await_reply": True, "timeout_seconds": 5})
         assert r["reply"] == "ok 1"
@@ -193,7 +193,7 @@ async def test_peers_update_only_from_roster_sources(tmp_path: Path) -> None:
         await ctl.client.send(kid.client.did, update)
         got = await kid.tools.call("mesh_await", {"from": [ctl.name], "timeout_seconds": 10})
         assert got["messages"][0]["type"] == "peers_update" and kid.tools.config.roster == {}
-        kid.tools.config.roster_sources = frozenset({ctl.name})
+        kid.tools.config.roster_sources = frozenset({ctl.client.did})  # a DID, never a name
         await ctl.client.send(kid.client.did, update)
         for _ in range(100):
             if kid.tools.config.roster:

@@ -80,11 +80,27 @@ def _mesh_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach the relay (default 10)")
     f = p.add_argument_group("tools")
-    f.add_argument("--incoming-dir", metavar="DIR", help="where received files are saved (default STATE_DIR/incoming)")
-    f.add_argument("--files-root", metavar="DIR", help="only files inside DIR may be sent")
+    f.add_argument(
+        "--files-root",
+        default=_env("AGT_MESH_FILES_ROOT"),
+        metavar="DIR",
+        help="mesh_transfer_file sends only files below DIR (env AGT_MESH_FILES_ROOT; default "
+        "STATE_DIR-files/outbox, next to the state directory; the state directory and hidden files are never sent)",
+    )
+    f.add_argument(
+        "--incoming-dir",
+        default=_env("AGT_MESH_INCOMING_DIR"),
+        metavar="DIR",
+        help="where received files are saved (env AGT_MESH_INCOMING_DIR; default STATE_DIR-files/incoming)",
+    )
     f.add_argument("--max-file-mb", type=float, default=30.0, help="largest file sent or accepted (default 30)")
     f.add_argument("--roster", default=_env("KARS_MESH_ROSTER"), help="sibling roster: name=role,name2=role2 or JSON")
-    f.add_argument("--roster-from", default="", help="comma-separated names/DIDs allowed to update the roster")
+    f.add_argument(
+        "--roster-from",
+        default=_env("KARS_MESH_ROSTER_FROM", ""),
+        metavar="DIDS",
+        help="comma-separated DIDs whose peers_update messages may replace the roster (names are refused)",
+    )
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
 
 
@@ -98,6 +114,7 @@ def _setup_logging(level: str) -> None:
 
 def _open_client(args: argparse.Namespace) -> tuple[Any, AdapterConfig]:
     from agt_mesh.adapters.hermes import parse_roster
+    from agt_mesh.adapters.tools import is_did
     from agt_mesh.core.identity import Identity
     from agt_mesh.shell.client import MeshClient
     from agt_mesh.shell.identity_file import save_identity
@@ -123,14 +140,31 @@ def _open_client(args: argparse.Namespace) -> tuple[Any, AdapterConfig]:
         relay_token=os.environ.get("AGT_RELAY_TOKEN") or None,
         connect_timeout=args.connect_timeout,
     )
+    sources = frozenset(s.strip() for s in (args.roster_from or "").split(",") if s.strip())
+    names = sorted(s for s in sources if not is_did(s))
+    if names:
+        raise _Failure(
+            f"--roster-from takes DIDs (display names are claims anyone can register): {', '.join(names)}", EXIT_USAGE
+        )
     config = AdapterConfig(
-        incoming_dir=Path(args.incoming_dir).expanduser() if args.incoming_dir else state_dir / "incoming",
+        incoming_dir=Path(args.incoming_dir).expanduser() if args.incoming_dir else None,
         files_root=Path(args.files_root).expanduser() if args.files_root else None,
+        protected_paths=(identity,),
         max_file_bytes=int(args.max_file_mb * 1024 * 1024),
         roster=parse_roster(args.roster),
-        roster_sources=frozenset(s.strip() for s in args.roster_from.split(",") if s.strip()),
+        roster_sources=sources,
     )
     return client, config
+
+
+def _tools(client: Any, config: AdapterConfig) -> MeshTools:
+    """The tools for ``client`` (before it connects, so a bad directory fails first)."""
+    from agt_mesh.errors import MeshConfigError
+
+    try:
+        return MeshTools(client, config)
+    except MeshConfigError as exc:
+        raise _Failure(str(exc), EXIT_USAGE) from None
 
 
 async def _connect(client: Any) -> None:
@@ -190,8 +224,8 @@ async def _serve_mcp(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         raise _Failure(str(exc), EXIT_USAGE) from None
     client, config = _open_client(args)
+    tools = _tools(client, config)
     await _connect(client)
-    tools = MeshTools(client, config)
     try:
         tools.start()
         log.info("MCP server for %s (%s) on stdio", client.did, client.display_name)
@@ -281,7 +315,13 @@ def main_openclaw_bundle(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--relay", default=_env("AGT_RELAY_URL"), metavar="URL")
     p.add_argument("--registry", default=_env("AGT_REGISTRY_URL"), metavar="URL")
     p.add_argument("--name", default=_env("AGT_MESH_NAME"), help="display name of the OpenClaw agent on the mesh")
-    p.add_argument("--incoming-dir", metavar="DIR")
+    p.add_argument(
+        "--files-root",
+        metavar="DIR",
+        help="the only directory files may be sent from (default STATE_DIR-files/outbox; on kars hosts the "
+        "sandbox workspace, e.g. /sandbox/.openclaw/workspace)",
+    )
+    p.add_argument("--incoming-dir", metavar="DIR", help="where received files go (default STATE_DIR-files/incoming)")
     p.add_argument("--max-file-mb", type=float)
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     server_args: list[str] = ["--state-dir", str(Path(args.state_dir).expanduser())]
@@ -289,6 +329,7 @@ def main_openclaw_bundle(argv: Sequence[str] | None = None) -> int:
         ("--relay", args.relay),
         ("--registry", args.registry),
         ("--name", args.name),
+        ("--files-root", str(Path(args.files_root).expanduser()) if args.files_root else None),
         ("--incoming-dir", str(Path(args.incoming_dir).expanduser()) if args.incoming_dir else None),
         ("--max-file-mb", f"{args.max_file_mb:g}" if args.max_file_mb else None),
     ):
@@ -340,12 +381,33 @@ def _bridge_parser() -> argparse.ArgumentParser:
     h.add_argument("--no-stream", action="store_true", help="do not stream (no progress ticks but heartbeats)")
     h.add_argument("--no-probe", action="store_true", help="start even if GET /health fails")
     h.add_argument("--session-per-peer", action="store_true", help="one Hermes session per peer")
+    a = p.add_argument_group("who is answered")
+    a.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="DID",
+        help="answer task requests from this peer DID (repeatable, or comma-separated; env AGT_MESH_ALLOW). "
+        "Required: requests from any other peer are never answered nor forwarded to the API server",
+    )
     return p
 
 
 async def _bridge(args: argparse.Namespace) -> int:
-    from agt_mesh.adapters.responder import AutoResponder, HermesAPIBackend, HermesAPIError
+    from agt_mesh.adapters.responder import AutoResponder, HermesAPIBackend, HermesAPIError, parse_allow
+    from agt_mesh.errors import MeshConfigError
 
+    try:
+        allow = parse_allow([*args.allow, _env("AGT_MESH_ALLOW", "") or ""])
+    except MeshConfigError as exc:
+        raise _Failure(str(exc), EXIT_USAGE) from None
+    if not allow:
+        # the bridge spends the user's API key on what peers write: nobody by default
+        raise _Failure(
+            "no peer is allowed: name the DIDs whose requests this bridge answers with --allow DID "
+            "(repeatable) or AGT_MESH_ALLOW; requests from anyone else are never forwarded to the API server",
+            EXIT_USAGE,
+        )
     backend = HermesAPIBackend(
         args.api_url,
         model=args.model,
@@ -360,11 +422,12 @@ async def _bridge(args: argparse.Namespace) -> int:
             except HermesAPIError as exc:
                 raise _Failure(str(exc), EXIT_AUTH if exc.kind == "unauthorized" else EXIT_IO) from None
         client, config = _open_client(args)
+        tools = _tools(client, config)
         await _connect(client)
-        tools = MeshTools(client, config)
         responder = AutoResponder(
             tools,
             backend,
+            allow=allow,
             max_per_peer=args.rate_limit,
             concurrency=args.concurrency,
             timeout=args.timeout,
@@ -372,7 +435,9 @@ async def _bridge(args: argparse.Namespace) -> int:
         responder.attach()
 
         def other(msg: Any) -> None:  # nobody reads this agent's inbox: log and drop the rest
-            log.info("message from %s (not a task request) dropped: %s", msg.sender, tools.view(msg).get("content"))
+            view = tools.view(msg)
+            log.info("message from %s (%s, not an allowed task request) dropped", msg.sender, view.get("type"))
+            log.debug("dropped message text: %r", view.get("content"))
             client.inbox.drain(lambda m: m is msg)
             client.consume(msg)
 
@@ -385,8 +450,8 @@ async def _bridge(args: argparse.Namespace) -> int:
         try:
             tools.start()
             print(
-                f"agt-mesh bridge hermes: {client.did} ({client.display_name or 'no display name'}) answers through "
-                f"{args.api_url}",
+                f"agt-mesh bridge hermes: {client.did} ({client.display_name or 'no display name'}) answers "
+                f"{len(allow)} allowed peer(s) through {args.api_url}",
                 file=sys.stderr,
                 flush=True,
             )
