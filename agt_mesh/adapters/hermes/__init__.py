@@ -28,7 +28,8 @@ Configuration (environment):
 ``AGT_REGISTRY_URL``           registry (``http://127.0.0.1:8082``)
 ``AGT_MESH_NAME``              display name (else ``SANDBOX_NAME``, else ``hermes``)
 ``AGT_PROFILE``                ``current`` or ``ts-sdk-4``
-``AGT_RELAY_TOKEN``            the relay's shared secret, if it wants one
+``AGENTMESH_RELAY_TOKEN``      the relay's shared secret, if it wants one (``AGT_RELAY_TOKEN``:
+                               deprecated alias)
 ``KARS_INCOMING_DIR``          where received files go (``/sandbox/incoming``)
 ``KARS_MESH_FILES_ROOT``       only files inside it may be sent (else ``SANDBOX_HOME`` if set)
 ``KARS_MESH_MAX_FILE_MB``      file size cap (30)
@@ -62,6 +63,7 @@ from typing import Any, TypeVar
 
 from agt_mesh.adapters.responder import DEFAULT_HERMES_API_URL, AutoResponder, HermesAPIBackend, RespondFn
 from agt_mesh.adapters.tools import AdapterConfig, MeshTools, error_result
+from agt_mesh.config_env import relay_token_from_env
 from agt_mesh.shell.inbox import InboundMessage
 
 __all__ = [
@@ -170,7 +172,7 @@ class HermesSettings:
             registry_url=e.get("AGT_REGISTRY_URL") or cls.registry_url,
             display_name=e.get("AGT_MESH_NAME") or e.get("SANDBOX_NAME") or cls.display_name,
             profile=e.get("AGT_PROFILE") or cls.profile,
-            relay_token=e.get("AGT_RELAY_TOKEN") or None,
+            relay_token=relay_token_from_env(e),
             incoming_dir=Path(e.get("KARS_INCOMING_DIR") or "/sandbox/incoming").expanduser(),
             files_root=Path(root).expanduser() if root else None,
             max_file_bytes=int(float(e.get("KARS_MESH_MAX_FILE_MB") or 30) * 1024 * 1024),
