@@ -242,8 +242,8 @@ def main_hermes_install(argv: Sequence[str] | None = None) -> int:
         f"installed the '{PLUGIN_NAME}' plugin. Next:\n"
         f"  1. make kars-agt-mesh importable by Hermes' Python (pip install kars-agt-mesh in its environment)\n"
         f"  2. hermes plugins enable {PLUGIN_NAME}\n"
-        "  3. set AGT_RELAY_URL / AGT_REGISTRY_URL / AGT_MESH_NAME (and KARS_MESH_AUTO_RESPONDER=1 to answer "
-        "peers) in Hermes' environment",
+        "  3. set AGT_RELAY_URL / AGT_REGISTRY_URL / AGT_MESH_NAME (AGENTMESH_RELAY_TOKEN if the relay wants "
+        "one; KARS_MESH_AUTO_RESPONDER=1 to answer peers) in Hermes' environment",
         file=sys.stderr,
     )
     return EXIT_OK
@@ -338,7 +338,8 @@ def _bridge_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="agt-mesh bridge hermes",
         description="Make a Hermes agent a mesh peer: answer task requests from other agents through the "
-        "agent's OpenAI-compatible API server (API_SERVER_ENABLED=true in Hermes).",
+        "agent's OpenAI-compatible API server. In Hermes: `hermes gateway run` (or `hermes gateway start`) with "
+        "API_SERVER_ENABLED=true, API_SERVER_KEY of at least 16 characters, and aiohttp installed.",
     )
     _mesh_options(p)
     h = p.add_argument_group("Hermes API server")
