@@ -241,7 +241,7 @@ def main_hermes_install(argv: Sequence[str] | None = None) -> int:
     print(
         f"installed the '{PLUGIN_NAME}' plugin. Next:\n"
         f"  1. make kars-agt-mesh importable by Hermes' Python (pip install kars-agt-mesh in its environment)\n"
-        f"  2. hermes plugins enable {PLUGIN_NAME}\n"
+        f"  2. hermes plugins enable {PLUGIN_NAME} --no-allow-tool-override  (it overrides no built-in tool)\n"
         "  3. set AGT_RELAY_URL / AGT_REGISTRY_URL / AGT_MESH_NAME (AGENTMESH_RELAY_TOKEN if the relay wants "
         "one; KARS_MESH_AUTO_RESPONDER=1 to answer peers) in Hermes' environment",
         file=sys.stderr,
