@@ -20,7 +20,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 #: environment variables the CLI reads; never inherited from the developer's shell
-CLI_ENV = ("AGT_MESH_HOME", "AGT_RELAY_URL", "AGT_REGISTRY_URL", "AGT_PROFILE", "AGENTMESH_RELAY_TOKEN")
+CLI_ENV = (
+    "AGT_MESH_HOME",
+    "AGT_RELAY_URL",
+    "AGT_REGISTRY_URL",
+    "AGT_PROFILE",
+    "AGENTMESH_RELAY_TOKEN",
+    "AGT_RELAY_TOKEN",
+)
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
-from test_adapters_support import make_client, strict_problems
+from test_adapters_support import make_client, optional_problems
 
 from agt_mesh.adapters import AdapterConfig, MeshTools
 from agt_mesh.adapters.responder import AutoResponder, TaskRequest
@@ -55,7 +56,26 @@ def _result(res: Any) -> tuple[bool, dict[str, Any]]:
     return bool(is_error), json.loads(content.text)
 
 
-async def test_mcp_server_over_stdio(tmp_path: Path) -> None:
+def _server_python(kind: str, request: pytest.FixtureRequest) -> tuple[str, dict[str, str]]:
+    """The interpreter (and extra environment) the server runs under: this venv (mcp 2.x) or
+    the real Hermes venv (its pinned mcp==1.26.0) with this checkout installed into it."""
+    if kind == "mcp2":
+        return sys.executable, {}
+    python = request.getfixturevalue("hermes_python")
+    site = request.getfixturevalue("hermes_site")
+    return str(python), {"PYTHONPATH": str(site)}
+
+
+def _mcp_version(python: str, env: dict[str, str]) -> str:
+    code = "import importlib.metadata as m; print(m.version('mcp'))"
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, check=True)
+    return out.stdout.strip()
+
+
+@pytest.mark.parametrize("server_mcp", ["mcp2", "mcp1"])
+async def test_mcp_server_over_stdio(tmp_path: Path, server_mcp: str, request: pytest.FixtureRequest) -> None:
+    python, extra_env = _server_python(server_mcp, request)
+    assert _mcp_version(python, extra_env).startswith("2." if server_mcp == "mcp2" else "1.26.")
     suffix = os.urandom(3).hex()
     me, other = f"mcp-agent-{suffix}", f"bob-{suffix}"
     async with DevMesh() as mesh:
@@ -70,8 +90,8 @@ async def test_mcp_server_over_stdio(tmp_path: Path) -> None:
         AutoResponder(bob_tools, answer, allow=lambda did: True).attach()  # the MCP agent's DID is made later
         bob_tools.start()
         state = tmp_path / "mcp-state"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        params = StdioServerParameters(command=sys.executable, args=_server_args(state, mesh, me), env=env)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra_env}
+        params = StdioServerParameters(command=python, args=_server_args(state, mesh, me), env=env)
         try:
             async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
                 await session.initialize()
@@ -79,7 +99,7 @@ async def test_mcp_server_over_stdio(tmp_path: Path) -> None:
                 assert sorted(t.name for t in listed.tools) == TOOLS
                 for tool in listed.tools:
                     schema = getattr(tool, "input_schema", None) or getattr(tool, "inputSchema", None)
-                    assert strict_problems(schema) == [], tool.name
+                    assert optional_problems(tool.name, schema) == [], tool.name
                     assert tool.description
 
                 err, status = _result(await session.call_tool("mesh_status", {}))
@@ -105,8 +125,9 @@ async def test_mcp_server_over_stdio(tmp_path: Path) -> None:
 
                 # a second server for the same identity fails at once, clearly, naming the holder
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable,
+                    python,
                     *_server_args(state, mesh, me),
+                    env=env,
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.PIPE,

@@ -162,7 +162,10 @@ async def test_backend_clear_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     backend = HermesAPIBackend(f"http://127.0.0.1:{_free_port()}", api_key="x")
     with pytest.raises(HermesAPIError) as exc:
         await backend.health()
-    assert exc.value.kind == "connection_refused" and "API_SERVER_ENABLED" in str(exc.value)
+    assert exc.value.kind == "connection_refused" and "API_SERVER_ENABLED=true" in str(exc.value)
+    # the real commands and requirements (checked against Hermes itself in test_hosts_hermes.py)
+    for fact in ("`hermes gateway run`", "`hermes gateway start`", "at least 16 characters", "aiohttp"):
+        assert fact in str(exc.value), fact
     with pytest.raises(HermesAPIError) as exc:
         await backend(_request(), _no_progress)
     assert exc.value.kind == "connection_refused"

@@ -70,6 +70,41 @@ def strict_problems(schema: Any, path: str = "$") -> list[str]:
     return problems
 
 
+#: the arguments each tool cannot do without; every other one is optional with a default
+REQUIRED_ARGS = {
+    "mesh_send": ["to", "content"],
+    "mesh_inbox": [],
+    "mesh_await": [],
+    "mesh_transfer_file": ["to", "file_path"],
+    "mesh_discover": [],
+    "mesh_status": [],
+}
+
+
+def optional_problems(tool: str, schema: Any) -> list[str]:
+    """What makes ``schema`` present an optional argument as mandatory (empty if fine): the
+    plain form MCP clients, Hermes and OpenClaw get — only the real requirements listed, no
+    nullable types, no null in enums, and each default of the declared type."""
+    if not isinstance(schema, dict) or schema.get("type") != "object":
+        return [f"{tool}: parameters are not an object schema"]
+    problems: list[str] = []
+    props = schema.get("properties") or {}
+    if sorted(schema.get("required") or []) != sorted(REQUIRED_ARGS[tool]):
+        problems.append(f"{tool}: required {schema.get('required')} != {REQUIRED_ARGS[tool]}")
+    py_types = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list}
+    for name, sub in props.items():
+        kind = sub.get("type")
+        if isinstance(kind, list) or kind == "null" or sub.get("nullable"):
+            problems.append(f"{tool}.{name}: nullable type {kind!r}")
+        if None in (sub.get("enum") or []):
+            problems.append(f"{tool}.{name}: enum lists null")
+        if "default" in sub and not isinstance(sub["default"], py_types.get(kind, object)):
+            problems.append(f"{tool}.{name}: default {sub['default']!r} is not a {kind}")
+        if name not in REQUIRED_ARGS[tool] and "default" not in sub and "default" not in sub.get("description", ""):
+            problems.append(f"{tool}.{name}: optional without a documented default")
+    return problems
+
+
 @dataclass
 class Agent:
     client: MeshClient

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from test_adapters_support import agents, strict_problems
+from test_adapters_support import agents, optional_problems, strict_problems
 
 from agt_mesh.adapters import envelopes as envs
 from agt_mesh.adapters.responder import AutoResponder, TaskRequest
@@ -17,17 +17,48 @@ from agt_mesh.adapters.responder import AutoResponder, TaskRequest
 TOOL_NAMES = ["mesh_send", "mesh_inbox", "mesh_await", "mesh_transfer_file", "mesh_discover", "mesh_status"]
 
 
-async def test_schemas_are_openai_strict(tmp_path: Path) -> None:
+async def test_schemas_plain_optional_and_openai_strict(tmp_path: Path) -> None:
     async with agents(tmp_path, "a") as (_, [a]):
         specs = a.tools.specs()
         assert [s.name for s in specs] == TOOL_NAMES
         for spec in specs:
-            assert strict_problems(spec.parameters) == [], spec.name
+            # one definition, two forms: plain optional arguments with defaults for MCP, Hermes
+            # and OpenClaw; the derived strict form for OpenAI-style consumers
+            assert optional_problems(spec.name, spec.parameters) == [], spec.name
+            assert optional_problems(spec.name, spec.function_schema()["parameters"]) == []
+            assert strict_problems(spec.strict_parameters) == [], spec.name
             tool = spec.openai_tool()
             assert tool["type"] == "function" and tool["function"]["strict"] is True
+            assert strict_problems(tool["function"]["parameters"]) == [], spec.name
             assert set(spec.function_schema()) == {"name", "description", "parameters"}
+            for arg, prop in spec.parameters["properties"].items():
+                strict = spec.strict_parameters["properties"][arg]
+                assert strict["description"] == prop["description"]
+                assert ("null" in strict["type"]) == (arg not in spec.parameters["required"])
             assert 40 < len(spec.description) < 1024
             json.dumps(tool)  # plain JSON
+
+
+async def test_declared_defaults_are_the_handlers_defaults(tmp_path: Path) -> None:
+    """Leaving an optional argument out, passing null and passing its declared default agree."""
+    async with agents(tmp_path, "alice", "bob") as (_, [a, b]):
+        inbox = a.tools.spec("mesh_inbox").parameters["properties"]
+        assert inbox["mode"]["default"] == "peek" and inbox["mode"]["enum"] == ["peek", "consume"]
+        for i in range(3):
+            await b.tools.call("mesh_send", {"to": a.name, "content": f"m{i}"})
+        got = await a.tools.call("mesh_await", {"from": [b.name], "timeout_seconds": 10})
+        assert got["status"] == "all_received"
+        for i in range(3, 6):
+            await b.tools.call("mesh_send", {"to": a.name, "content": f"m{i}"})
+        for _ in range(100):
+            if len((await a.tools.call("mesh_inbox", {}))["messages"]) == 3:
+                break
+            await asyncio.sleep(0.05)
+        views = [
+            await a.tools.call("mesh_inbox", args)
+            for args in ({}, {"mode": None, "limit": None}, {"mode": inbox["mode"]["default"], "limit": 20})
+        ]
+        assert [[m["content"] for m in v["messages"]] for v in views] == [["m3", "m4", "m5"]] * 3
 
 
 async def test_send_inbox_peek_consume_and_await_by_name(tmp_path: Path) -> None:

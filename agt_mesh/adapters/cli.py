@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from agt_mesh.adapters.tools import AdapterConfig, MeshTools
+from agt_mesh.config_env import relay_token_from_env
 
 __all__ = ["main_bridge_hermes", "main_hermes_install", "main_mcp", "main_openclaw_bundle"]
 
@@ -137,7 +138,7 @@ def _open_client(args: argparse.Namespace) -> tuple[Any, AdapterConfig]:
         display_name=args.name,
         capabilities=args.capability,
         profile=args.profile,
-        relay_token=os.environ.get("AGT_RELAY_TOKEN") or None,
+        relay_token=relay_token_from_env(),
         connect_timeout=args.connect_timeout,
     )
     sources = frozenset(s.strip() for s in (args.roster_from or "").split(",") if s.strip())
@@ -274,9 +275,9 @@ def main_hermes_install(argv: Sequence[str] | None = None) -> int:
     print(
         f"installed the '{PLUGIN_NAME}' plugin. Next:\n"
         f"  1. make kars-agt-mesh importable by Hermes' Python (pip install kars-agt-mesh in its environment)\n"
-        f"  2. hermes plugins enable {PLUGIN_NAME}\n"
-        "  3. set AGT_RELAY_URL / AGT_REGISTRY_URL / AGT_MESH_NAME (and KARS_MESH_AUTO_RESPONDER=1 to answer "
-        "peers) in Hermes' environment",
+        f"  2. hermes plugins enable {PLUGIN_NAME} --no-allow-tool-override  (it overrides no built-in tool)\n"
+        "  3. set AGT_RELAY_URL / AGT_REGISTRY_URL / AGT_MESH_NAME (AGENTMESH_RELAY_TOKEN if the relay wants "
+        "one; KARS_MESH_AUTO_RESPONDER=1 to answer peers) in Hermes' environment",
         file=sys.stderr,
     )
     return EXIT_OK
@@ -285,26 +286,43 @@ def main_hermes_install(argv: Sequence[str] | None = None) -> int:
 # -- agt-mesh openclaw-bundle ----------------------------------------------------------------
 
 
+def _server_command(command: str | None, python_module: bool) -> tuple[str, list[str]]:
+    """An absolute way to start ``agt-mesh mcp``: a host launches it with its own PATH, where
+    this environment's ``bin`` usually is not (a bare ``agt-mesh`` fails to start there)."""
+    module = ["-m", "agt_mesh.adapters.mcp_server"]
+    if python_module:
+        return os.path.abspath(sys.executable), module
+    if command:
+        found = shutil.which(command)
+        if found is None:
+            raise _Failure(f"--command {command!r} is not an executable (nor on PATH)", EXIT_USAGE)
+        return os.path.abspath(found), ["mcp"]
+    beside = Path(sys.executable).parent / "agt-mesh"  # the script of the environment running us
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside.absolute()), ["mcp"]
+    return os.path.abspath(sys.executable), module
+
+
 def main_openclaw_bundle(argv: Sequence[str] | None = None) -> int:
     """``agt-mesh openclaw-bundle DIR``: write an OpenClaw bundle (skill + ``.mcp.json``)."""
-    from agt_mesh.adapters.openclaw import write_bundle
+    from agt_mesh.adapters.openclaw import install_command, write_bundle
 
     p = _Parser(
         prog="agt-mesh openclaw-bundle",
-        description="Write an OpenClaw bundle (SKILL.md + .mcp.json running `agt-mesh mcp`); install it with "
-        "`openclaw plugins install DIR`.",
+        description="Write an OpenClaw bundle (SKILL.md + .mcp.json starting `agt-mesh mcp` by absolute path) "
+        "and print the command that installs it.",
     )
     p.add_argument("directory", metavar="DIR")
     p.add_argument("--force", action="store_true", help="replace existing bundle files")
     p.add_argument(
         "--command",
         default=None,
-        help="executable starting the server (default: the agt-mesh on PATH, else 'agt-mesh')",
+        help="executable starting the server, made absolute (default: the agt-mesh beside this Python)",
     )
     p.add_argument(
         "--python-module",
         action="store_true",
-        help="start the server as `<this python> -m agt_mesh.adapters.mcp_server` instead of `agt-mesh mcp`",
+        help="start the server as `<this python> -m agt_mesh.adapters.mcp_server` instead of the agt-mesh script",
     )
     p.add_argument(
         "--state-dir",
@@ -324,23 +342,24 @@ def main_openclaw_bundle(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--incoming-dir", metavar="DIR", help="where received files go (default STATE_DIR-files/incoming)")
     p.add_argument("--max-file-mb", type=float)
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-    server_args: list[str] = ["--state-dir", str(Path(args.state_dir).expanduser())]
+    server_args: list[str] = ["--state-dir", str(Path(args.state_dir).expanduser().absolute())]
     for flag, value in (
         ("--relay", args.relay),
         ("--registry", args.registry),
         ("--name", args.name),
-        ("--files-root", str(Path(args.files_root).expanduser()) if args.files_root else None),
-        ("--incoming-dir", str(Path(args.incoming_dir).expanduser()) if args.incoming_dir else None),
+        ("--files-root", str(Path(args.files_root).expanduser().absolute()) if args.files_root else None),
+        ("--incoming-dir", str(Path(args.incoming_dir).expanduser().absolute()) if args.incoming_dir else None),
         ("--max-file-mb", f"{args.max_file_mb:g}" if args.max_file_mb else None),
     ):
         if value:
             server_args += [flag, value]
-    if args.python_module:
-        command, prefix = sys.executable, ["-m", "agt_mesh.adapters.mcp_server"]
-    else:
-        command, prefix = args.command or shutil.which("agt-mesh") or "agt-mesh", ["mcp"]
+    directory = Path(args.directory).expanduser().absolute()
     try:
-        written = write_bundle(args.directory, command=command, args=[*prefix, *server_args], force=args.force)
+        command, prefix = _server_command(args.command, args.python_module)
+        written = write_bundle(directory, command=command, args=[*prefix, *server_args], force=args.force)
+    except _Failure as exc:
+        print(f"agt-mesh openclaw-bundle: error: {exc}", file=sys.stderr)
+        return exc.code
     except FileExistsError as exc:
         print(f"agt-mesh openclaw-bundle: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -349,10 +368,7 @@ def main_openclaw_bundle(argv: Sequence[str] | None = None) -> int:
         return EXIT_IO
     for path in written:
         print(path)
-    print(
-        f"install with: openclaw plugins install {args.directory} --acknowledge-non-clawhub-install",
-        file=sys.stderr,
-    )
+    print(f"install with: {install_command(directory)}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -363,7 +379,8 @@ def _bridge_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="agt-mesh bridge hermes",
         description="Make a Hermes agent a mesh peer: answer task requests from other agents through the "
-        "agent's OpenAI-compatible API server (API_SERVER_ENABLED=true in Hermes).",
+        "agent's OpenAI-compatible API server. In Hermes: `hermes gateway run` (or `hermes gateway start`) with "
+        "API_SERVER_ENABLED=true, API_SERVER_KEY of at least 16 characters, and aiohttp installed.",
     )
     _mesh_options(p)
     h = p.add_argument_group("Hermes API server")

@@ -1,27 +1,36 @@
 """An OpenClaw bundle for the mesh: a skill plus ``.mcp.json`` — no TypeScript.
 
-:func:`write_bundle` writes a Claude-format bundle that OpenClaw detects
-(``openclaw plugins install DIR``)::
+:func:`write_bundle` writes a Claude-format bundle that OpenClaw detects::
 
     DIR/.claude-plugin/plugin.json      name, version, description
     DIR/.mcp.json                       {"mcpServers": {"agt-mesh": {command, args, env}}}
     DIR/skills/agt-mesh/SKILL.md        when to send, wait, discover, transfer
 
-OpenClaw launches the stdio server and exposes its tools as ``agt-mesh__mesh_send`` etc.
+and :func:`install_command` is how OpenClaw (2026.9.6) installs it: ``openclaw plugins install
+DIR --force --accept-capabilities`` — ``--force`` confirms a source outside ClawHub (and
+replaces an installed copy), ``--accept-capabilities`` gives the consent a bundle with MCP
+servers needs (without it nothing is installed).  OpenClaw launches the stdio server with
+its own PATH, so ``command`` must be absolute; it exposes the tools as
+``agt-mesh__mesh_send`` etc.  The skill is gated on the bundle being enabled
+(``requires.config``), so it is not offered when its tools cannot be there.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from agt_mesh import __version__
 
-__all__ = ["SERVER_NAME", "skill_text", "write_bundle"]
+__all__ = ["SERVER_NAME", "install_command", "skill_text", "write_bundle"]
 
 SERVER_NAME = "agt-mesh"
+#: OpenClaw's skill gating: the skill is only eligible while this config path is truthy —
+#: the bundle (and so its MCP server) is installed and enabled
+ENABLED_CONFIG_PATH = f"plugins.entries.{SERVER_NAME}.enabled"
 
 _SKILL = """---
 name: agt-mesh
@@ -32,7 +41,7 @@ description: >-
   or to find which agents exist. Tools: {p}mesh_send, {p}mesh_await, {p}mesh_inbox,
   {p}mesh_transfer_file, {p}mesh_discover, {p}mesh_status.
 version: {version}
-metadata: {{"openclaw": {{"emoji": "📡"}}}}
+metadata: {{"openclaw": {{"emoji": "📡", "os": ["linux", "darwin"], "requires": {{"config": ["{enabled}"]}}}}}}
 ---
 
 # AgentMesh messaging
@@ -75,7 +84,13 @@ addressed by their **exact display name** (case-sensitive) or by a `did:mesh:` D
 
 def skill_text(tool_prefix: str = f"{SERVER_NAME}__") -> str:
     """The ``SKILL.md`` text; ``tool_prefix`` is how the host prefixes the server's tools."""
-    return _SKILL.format(p=tool_prefix, version=__version__)
+    return _SKILL.format(p=tool_prefix, version=__version__, enabled=ENABLED_CONFIG_PATH)
+
+
+def install_command(directory: str | os.PathLike[str]) -> str:
+    """The shell command that installs the bundle in ``directory`` into OpenClaw."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(directory)))
+    return f"openclaw plugins install {shlex.quote(path)} --force --accept-capabilities"
 
 
 def write_bundle(
@@ -89,13 +104,17 @@ def write_bundle(
     """Write the bundle into ``directory``; returns the files written.
 
     Args:
-        command / args: how to start the MCP server (``agt-mesh`` ``mcp ...``).
+        command / args: how to start the MCP server; ``command`` must be an absolute path
+            (the host starts it with its own PATH).
         env: environment for the server process (hosts pass only what is listed here).
         force: replace existing bundle files.
 
     Raises:
         FileExistsError: a bundle file exists and ``force`` is false.
+        ValueError: ``command`` is not an absolute path.
     """
+    if not os.path.isabs(command):
+        raise ValueError(f"the server command must be an absolute path, not {command!r}")
     root = Path(directory).expanduser()
     files = {
         root / ".claude-plugin" / "plugin.json": json.dumps(

@@ -51,7 +51,9 @@ from agt_mesh.errors import MeshConfigError, MeshError
 from agt_mesh.shell.inbox import InboundMessage
 
 __all__ = [
+    "API_SERVER_HINT",
     "DEFAULT_HERMES_API_URL",
+    "MIN_API_SERVER_KEY_CHARS",
     "AllowList",
     "AutoResponder",
     "HermesAPIBackend",
@@ -64,6 +66,18 @@ __all__ = [
 log = logging.getLogger("agt_mesh.adapters.responder")
 
 DEFAULT_HERMES_API_URL = "http://127.0.0.1:8642"
+#: Hermes' API server refuses to start with a shorter (or placeholder) API_SERVER_KEY
+#: (hermes-agent 0.19.0, gateway/platforms/api_server.py, _api_key_passes_startup_guard)
+MIN_API_SERVER_KEY_CHARS = 16
+#: how to run the API server the bridge and the auto-responder talk to (checked against the
+#: real Hermes in tests/test_hosts_hermes.py): it is part of the gateway, needs aiohttp
+#: (Hermes' `messaging` extra has it) and a key of at least MIN_API_SERVER_KEY_CHARS characters
+API_SERVER_HINT = (
+    "run the gateway with `hermes gateway run` (foreground) or `hermes gateway start` (installed "
+    f"service) and, in Hermes' environment, API_SERVER_ENABLED=true and API_SERVER_KEY set to a random "
+    f"secret of at least {MIN_API_SERVER_KEY_CHARS} characters (e.g. `openssl rand -hex 32`); the API "
+    "server needs aiohttp (pip install aiohttp, or hermes-agent[messaging])"
+)
 
 
 @dataclass(frozen=True)
@@ -437,8 +451,8 @@ class HermesAPIBackend:
         if isinstance(exc, httpx.ConnectError):
             return HermesAPIError(
                 "connection_refused",
-                f"cannot reach the Hermes API server at {url} ({exc or 'connection refused'}); start it with "
-                "`hermes gateway` and API_SERVER_ENABLED=true, or pass the right --api-url",
+                f"cannot reach the Hermes API server at {url} ({exc or 'connection refused'}): "
+                f"{API_SERVER_HINT}; or pass the right --api-url",
             )
         if isinstance(exc, httpx.TimeoutException):
             return HermesAPIError("timeout", f"the Hermes API server at {url} did not answer in time ({exc!r})")

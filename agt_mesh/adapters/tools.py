@@ -1,10 +1,15 @@
 """The canonical mesh tool set that every adapter (Hermes, MCP, OpenClaw) is generated from.
 
 A :class:`ToolSpec` is a name, a description, a JSON Schema for the arguments and an async
-handler ``(args) -> dict``.  The schemas are valid in OpenAI *strict* mode: every object has
-``additionalProperties: false``, every property is listed in ``required`` and optional
-arguments are nullable (``null`` means "use the default").  Handlers never raise into the
-host: failures come back as ``{"error": {"kind": ..., "message": ...}}``.
+handler ``(args) -> dict``.  Each argument is defined once, in plain JSON Schema: only the
+mandatory ones are ``required``, optional ones carry their ``default`` (and say it in their
+description).  That is what MCP clients, Hermes and OpenClaw are given — Hermes' schema
+sanitizer turns a nullable required property into a *mandatory* one, so the plain form is the
+only one that reaches their models as optional.  :func:`strict_schema` derives the OpenAI
+*strict* form from it for consumers that want it (:meth:`ToolSpec.openai_tool`): every
+property required, optional ones nullable (``null`` means "use the default"), no
+``default``.  Handlers accept both (a missing argument and ``null`` both mean the default) and
+never raise into the host: failures come back as ``{"error": {"kind": ..., "message": ...}}``.
 
 :class:`MeshTools` owns the adapter-side state around one connected
 :class:`~agt_mesh.shell.client.MeshClient`:
@@ -96,6 +101,7 @@ __all__ = [
     "error_result",
     "is_did",
     "peer_label",
+    "strict_schema",
 ]
 
 log = logging.getLogger("agt_mesh.adapters")
@@ -201,13 +207,20 @@ class ToolSpec:
     handler: Handler = field(repr=False)
     max_seconds: Callable[[dict[str, Any]], float] = field(repr=False, default=lambda args: 120.0)
 
-    def function_schema(self, name: str | None = None) -> dict[str, Any]:
-        """``{"name", "description", "parameters"}`` — Hermes' ``schema`` and OpenAI's ``function``."""
-        return {"name": name or self.name, "description": self.description, "parameters": self.parameters}
+    @property
+    def strict_parameters(self) -> dict[str, Any]:
+        """``parameters`` in OpenAI strict form (see :func:`strict_schema`)."""
+        return strict_schema(self.parameters)
+
+    def function_schema(self, name: str | None = None, *, strict: bool = False) -> dict[str, Any]:
+        """``{"name", "description", "parameters"}`` — Hermes' ``schema`` and OpenAI's ``function``
+        (plain optional parameters, or the strict form)."""
+        params = self.strict_parameters if strict else self.parameters
+        return {"name": name or self.name, "description": self.description, "parameters": params}
 
     def openai_tool(self, name: str | None = None) -> dict[str, Any]:
         """The Chat Completions tool definition, strict mode on."""
-        return {"type": "function", "function": {**self.function_schema(name), "strict": True}}
+        return {"type": "function", "function": {**self.function_schema(name, strict=True), "strict": True}}
 
 
 @dataclass
@@ -319,17 +332,50 @@ def _opt_str_list(args: Mapping[str, Any], key: str, aliases: Iterable[str] = ()
     return list(dict.fromkeys(v for v in value if v))
 
 
-def _nullable(kind: str, description: str, **extra: Any) -> dict[str, Any]:
-    return {"type": [kind, "null"], "description": description, **extra}
+def _optional(kind: str, description: str, default: Any = None, **extra: Any) -> dict[str, Any]:
+    """An optional argument; leaving it out (or null) means ``default`` (None: no default value)."""
+    prop: dict[str, Any] = {"type": kind, "description": description, **extra}
+    if default is not None:
+        prop["default"] = default
+    return prop
 
 
-def _object(properties: dict[str, Any]) -> dict[str, Any]:
+def _object(properties: dict[str, Any], required: Iterable[str] = ()) -> dict[str, Any]:
     return {
         "type": "object",
         "properties": properties,
-        "required": list(properties),
+        "required": list(required),
         "additionalProperties": False,
     }
+
+
+#: keywords OpenAI's strict mode rejects; the descriptions already state the defaults
+_NOT_STRICT = ("default",)
+
+
+def strict_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """The OpenAI strict-mode form of a plain schema: every property required, each optional
+    one nullable (``null`` for "use the default"), ``default`` dropped; nested objects too."""
+    out = {k: v for k, v in schema.items() if k not in _NOT_STRICT}
+    if "items" in out and isinstance(out["items"], Mapping):
+        out["items"] = strict_schema(out["items"])
+    props = out.get("properties")
+    if out.get("type") == "object" and isinstance(props, Mapping):
+        required = set(out.get("required") or ())
+        strict_props: dict[str, Any] = {}
+        for name, sub in props.items():
+            prop = strict_schema(sub)
+            if name not in required:
+                kinds = prop.get("type")
+                kinds = list(kinds) if isinstance(kinds, list) else [kinds]
+                prop["type"] = [*kinds, "null"] if "null" not in kinds else kinds
+                if "enum" in prop and None not in prop["enum"]:
+                    prop["enum"] = [*prop["enum"], None]
+            strict_props[name] = prop
+        out["properties"] = strict_props
+        out["required"] = list(strict_props)
+        out["additionalProperties"] = False
+    return out
 
 
 def _iso(ts: float) -> str:
@@ -551,16 +597,18 @@ class MeshTools:
                     {
                         "to": {"type": "string", "description": "Recipient: exact display name or did:mesh: DID."},
                         "content": {"type": "string", "description": "The message (plain text or JSON text)."},
-                        "await_reply": _nullable(
-                            "boolean", "Wait for the recipient's reply (default false: fire-and-forget)."
+                        "await_reply": _optional(
+                            "boolean", "Wait for the recipient's reply (default false: fire-and-forget).", False
                         ),
-                        "timeout_seconds": _nullable(
+                        "timeout_seconds": _optional(
                             "number",
                             f"With await_reply: seconds of silence before giving up (default "
                             f"{cfg.reply_timeout:g}); progress updates from the recipient restart it; at most "
                             f"{cfg.max_reply_wait:g} s in total.",
+                            cfg.reply_timeout,
                         ),
-                    }
+                    },
+                    required=("to", "content"),
                 ),
                 self._mesh_send,
                 lambda a: (cfg.max_reply_wait + 60.0) if a.get("await_reply") else 90.0,
@@ -574,13 +622,9 @@ class MeshTools:
                 "that the user did not ask for.",
                 _object(
                     {
-                        "mode": {
-                            "type": ["string", "null"],
-                            "enum": ["peek", "consume", None],
-                            "description": "'peek' (default) or 'consume'.",
-                        },
-                        "limit": _nullable("integer", "Most messages to return (default 20, at most 200)."),
-                        "from": _nullable("string", "Only messages from this agent (name or DID)."),
+                        "mode": _optional("string", "'peek' (default) or 'consume'.", "peek", enum=["peek", "consume"]),
+                        "limit": _optional("integer", "Most messages to return (default 20, at most 200).", 20),
+                        "from": _optional("string", "Only messages from this agent (name or DID); default: all."),
                     }
                 ),
                 self._mesh_inbox,
@@ -589,19 +633,20 @@ class MeshTools:
             ToolSpec(
                 "mesh_await",
                 "Wait until each listed agent has sent you at least one message, or for any message "
-                "if 'from' is null, and return (and consume) those messages. Use after delegating work "
+                "if 'from' is left out, and return (and consume) those messages. Use after delegating work "
                 "with mesh_send. Returns status 'all_received', 'partial_timeout' or 'timeout' plus the "
                 "senders still missing.",
                 _object(
                     {
-                        "from": {
-                            "type": ["array", "null"],
-                            "items": {"type": "string"},
-                            "description": "Agents to wait for (exact names or DIDs); null for any message.",
-                        },
-                        "timeout_seconds": _nullable(
+                        "from": _optional(
+                            "array",
+                            "Agents to wait for (exact names or DIDs); default: any message.",
+                            items={"type": "string"},
+                        ),
+                        "timeout_seconds": _optional(
                             "number",
                             f"Seconds to wait (default {cfg.await_timeout:g}, at most {cfg.max_await:g}).",
+                            cfg.await_timeout,
                         ),
                     }
                 ),
@@ -623,12 +668,14 @@ class MeshTools:
                             "type": "string",
                             "description": f"Path of the file, relative to the outbox {self.roots.outbox}.",
                         },
-                        "description": _nullable("string", "What the file is, for the recipient."),
-                        "timeout_seconds": _nullable(
+                        "description": _optional("string", "What the file is, for the recipient (default: none)."),
+                        "timeout_seconds": _optional(
                             "number",
                             f"Seconds to wait for the acknowledgement (default {cfg.ack_timeout:g}; 0 = do not wait).",
+                            cfg.ack_timeout,
                         ),
-                    }
+                    },
+                    required=("to", "file_path"),
                 ),
                 self._mesh_transfer_file,
                 lambda a: _opt_num(a, "timeout_seconds", cfg.ack_timeout, 0, 600) + 300.0,
@@ -636,11 +683,14 @@ class MeshTools:
             ToolSpec(
                 "mesh_discover",
                 "Find agents on the mesh: 'query' is a capability, an exact display name or a DID. "
-                "With query null, lists the agents you already know (roster and sessions).",
+                "Without a query, lists the agents you already know (roster and sessions).",
                 _object(
                     {
-                        "query": _nullable("string", "Capability, exact display name or did:mesh: DID."),
-                        "limit": _nullable("integer", "Most agents to return (default 20, at most 200)."),
+                        "query": _optional(
+                            "string",
+                            "Capability, exact display name or did:mesh: DID; default: the agents you already know.",
+                        ),
+                        "limit": _optional("integer", "Most agents to return (default 20, at most 200).", 20),
                     }
                 ),
                 self._mesh_discover,

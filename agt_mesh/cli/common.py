@@ -75,7 +75,9 @@ def need_registry(args: argparse.Namespace) -> str:
 
 
 def relay_token() -> str | None:
-    return os.environ.get(RELAY_TOKEN_ENV) or None
+    from agt_mesh.config_env import relay_token_from_env
+
+    return relay_token_from_env()
 
 
 def profile(args: argparse.Namespace) -> str:

@@ -65,7 +65,7 @@ _VALUE_OPTIONS = ("--state-dir", "--relay", "--registry", "--profile")
 
 EPILOG = """\
 environment: AGT_MESH_HOME (state dir), AGT_RELAY_URL, AGT_REGISTRY_URL, AGT_PROFILE,
-AGENTMESH_RELAY_TOKEN (relay shared secret).
+AGENTMESH_RELAY_TOKEN (relay shared secret; AGT_RELAY_TOKEN is a deprecated alias).
 exit codes: 0 ok, 1 usage or user error, 2 unexpected, 3 network or I/O (incl. lock held),
 4 authentication or trust failure, 5 rate limited.
 """

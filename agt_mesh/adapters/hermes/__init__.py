@@ -43,7 +43,8 @@ Configuration (environment):
 ``AGT_REGISTRY_URL``           registry (``http://127.0.0.1:8082``)
 ``AGT_MESH_NAME``              display name (else ``SANDBOX_NAME``, else ``hermes``)
 ``AGT_PROFILE``                ``current`` or ``ts-sdk-4``
-``AGT_RELAY_TOKEN``            the relay's shared secret, if it wants one
+``AGENTMESH_RELAY_TOKEN``      the relay's shared secret, if it wants one (``AGT_RELAY_TOKEN``:
+                               deprecated alias)
 ``KARS_INCOMING_DIR``          where received files go (else ``$SANDBOX_HOME/incoming`` if
                                ``SANDBOX_HOME`` is set, else ``$HERMES_HOME``'s sibling
                                ``<HERMES_HOME>-files/incoming``)
@@ -92,6 +93,7 @@ from agt_mesh.adapters.responder import (
     parse_allow,
 )
 from agt_mesh.adapters.tools import AdapterConfig, MeshTools, error_result, is_did, peer_label
+from agt_mesh.config_env import relay_token_from_env
 from agt_mesh.errors import MeshConfigError
 from agt_mesh.shell.inbox import InboundMessage
 
@@ -234,7 +236,7 @@ class HermesSettings:
             registry_url=e.get("AGT_REGISTRY_URL") or cls.registry_url,
             display_name=e.get("AGT_MESH_NAME") or e.get("SANDBOX_NAME") or cls.display_name,
             profile=e.get("AGT_PROFILE") or cls.profile,
-            relay_token=e.get("AGT_RELAY_TOKEN") or None,
+            relay_token=relay_token_from_env(e),
             incoming_dir=Path(incoming).expanduser() if incoming else None,
             files_root=Path(root).expanduser() if root else None,
             max_file_bytes=int(float(e.get("KARS_MESH_MAX_FILE_MB") or 30) * 1024 * 1024),
