@@ -20,7 +20,7 @@ node_modules/.package-lock.json: package.json package-lock.json
 node: node_modules/.package-lock.json
 
 servers: install
-	$(PY) interop/agt_venvs.py ensure
+	$(PY) interop/agt_venvs.py ensure  # the AGT servers and the pinned nats-server
 
 ## Local end-to-end demo: two agents, X3DH + Double Ratchet, transcript of what the relay saw.
 demo: install

@@ -58,6 +58,8 @@ __all__ = [
     "RegistryBackend",
     "RegistryService",
     "RegistryState",
+    "record_from_json",
+    "record_to_json",
 ]
 
 logger = logging.getLogger("agt_mesh.dev.registry")
@@ -159,6 +161,64 @@ class AgentRecord:
     one_time_pre_keys: deque[dict[str, Any]] = field(default_factory=deque)
     last_heartbeat: _dt.datetime | None = None
     reputation_score: float = 0.5
+
+
+def record_to_json(record: AgentRecord) -> dict[str, Any]:
+    """A record as JSON-safe values (bytes as base64url), for stores outside the process."""
+
+    def b(value: bytes | None) -> str | None:
+        return None if value is None else b64url_encode(value)
+
+    def t(value: _dt.datetime | None) -> str | None:
+        return None if value is None else value.isoformat()
+
+    return {
+        "did": record.did,
+        "public_key": b(record.public_key),
+        "capabilities": list(record.capabilities),
+        "metadata": dict(record.metadata),
+        "registered_at": t(record.registered_at),
+        "last_seen": t(record.last_seen),
+        "legacy": record.legacy,
+        "identity_key": b(record.identity_key),
+        "identity_key_ed": b(record.identity_key_ed),
+        "signed_pre_key": b(record.signed_pre_key),
+        "signed_pre_key_signature": b(record.signed_pre_key_signature),
+        "signed_pre_key_id": record.signed_pre_key_id,
+        "one_time_pre_keys": list(record.one_time_pre_keys),
+        "last_heartbeat": t(record.last_heartbeat),
+        "reputation_score": record.reputation_score,
+    }
+
+
+def record_from_json(obj: dict[str, Any]) -> AgentRecord:
+    """The inverse of :func:`record_to_json`."""
+
+    def b(value: Any) -> bytes | None:
+        return None if value is None else b64url_decode(value)
+
+    def t(value: Any) -> _dt.datetime | None:
+        return None if value is None else _dt.datetime.fromisoformat(value)
+
+    public_key, registered_at, last_seen = b(obj["public_key"]), t(obj["registered_at"]), t(obj["last_seen"])
+    assert public_key is not None and registered_at is not None and last_seen is not None
+    return AgentRecord(
+        did=obj["did"],
+        public_key=public_key,
+        capabilities=list(obj["capabilities"]),
+        metadata=dict(obj["metadata"]),
+        registered_at=registered_at,
+        last_seen=last_seen,
+        legacy=bool(obj["legacy"]),
+        identity_key=b(obj["identity_key"]),
+        identity_key_ed=b(obj["identity_key_ed"]),
+        signed_pre_key=b(obj["signed_pre_key"]),
+        signed_pre_key_signature=b(obj["signed_pre_key_signature"]),
+        signed_pre_key_id=obj["signed_pre_key_id"],
+        one_time_pre_keys=deque(obj["one_time_pre_keys"]),
+        last_heartbeat=t(obj["last_heartbeat"]),
+        reputation_score=float(obj["reputation_score"]),
+    )
 
 
 def _parse_ts(text: str) -> _dt.datetime | None:
@@ -894,6 +954,9 @@ class DevRegistry:
         max_body_bytes: larger request bodies are refused with 413 (default 1 MiB).
         keep_alive_timeout: idle keep-alive connections are closed after this long.
         request_timeout: time allowed to send a request body.
+        service: serve this :class:`RegistryService` (another storage backend) instead
+            of an in-memory :class:`RegistryState`; ``allow_legacy`` and
+            ``heartbeat_interval`` are then the service's own.
     """
 
     def __init__(
@@ -901,6 +964,7 @@ class DevRegistry:
         host: str = "127.0.0.1",
         port: int = 0,
         *,
+        service: RegistryService | None = None,
         allow_legacy: bool = False,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -912,7 +976,11 @@ class DevRegistry:
             raise ValueError("max_body_bytes must be >= 0 and max_header_bytes >= 1024")
         if keep_alive_timeout <= 0 or request_timeout <= 0:
             raise ValueError("keep_alive_timeout and request_timeout must be positive")
-        self.state = RegistryState(allow_legacy=allow_legacy, heartbeat_interval=heartbeat_interval)
+        self.service = (
+            service
+            if service is not None
+            else RegistryState(allow_legacy=allow_legacy, heartbeat_interval=heartbeat_interval)
+        )
         self._host = host
         self._requested_port = port
         self.max_body_bytes = max_body_bytes
@@ -980,6 +1048,13 @@ class DevRegistry:
         host = f"[{self._host}]" if ":" in self._host else self._host
         return f"http://{host}:{self.port}"
 
+    @property
+    def state(self) -> RegistryState:
+        """The in-memory state (only when no other ``service`` was given)."""
+        if not isinstance(self.service, RegistryState):
+            raise TypeError("this registry does not keep its records in memory")
+        return self.service
+
     def otk_count(self, did: str) -> int:
         return self.state.otk_count(did)
 
@@ -1040,7 +1115,7 @@ class DevRegistry:
         connection = {t.strip().lower() for t in request.headers.get("connection", "").split(",")}
         keep_alive = request.version == "HTTP/1.1" and "close" not in connection
         try:
-            result = await self.state.handle(request.method, request.target, request.headers, body)
+            result = await self.service.handle(request.method, request.target, request.headers, body)
         except Exception:  # a bug: answer 500 like a framework would, keep serving
             logger.exception("registry request %s %s failed", request.method, request.target)
             result = HttpResult(500, {"detail": "Internal Server Error"})
