@@ -99,6 +99,9 @@ MAX_EARLY_ACKS = 4096
 #: Bytes of stored frames one connection's consumer may hold in the client library
 #: before the server is made to wait (flow control); at least two maximal frames.
 CONSUMER_PENDING_BYTES = 8 * 1024 * 1024
+#: How long a new connection's frame loop waits for the stored frames to be queued, so
+#: that (as on AGT) they are pushed before any reply to the client's first frames.
+REPLAY_WAIT = 5.0
 #: Idle heartbeat of the per-connection ordered consumers: after two missed ones the
 #: consumer is recreated (a NATS node died), so delivery resumes within ~2 s.
 CONSUMER_HEARTBEAT = 1.0
@@ -123,6 +126,8 @@ class ClusterConn(RelayConn):
     pushed: OrderedDict[str, int] = field(default_factory=OrderedDict)
     early_acks: OrderedDict[str, None] = field(default_factory=OrderedDict)
     space: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Set once the frames stored before the connect are queued for writing.
+    replayed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class ClusterRelay(RelayServer[ClusterConn]):
@@ -240,8 +245,7 @@ class ClusterRelay(RelayServer[ClusterConn]):
         await super().stop()
         nc, self._nc = self._nc, None
         if nc is not None:
-            with contextlib.suppress(Exception):
-                await nc.drain()
+            # Nothing to flush: every accepted frame was acknowledged by JetStream.
             with contextlib.suppress(Exception):
                 await nc.close()
 
@@ -344,6 +348,11 @@ class ClusterRelay(RelayServer[ClusterConn]):
             logger.warning("cannot read the store for %s: %s", conn.did, exc)
             await conn.ws.close(CLOSE_TRY_AGAIN, "store unavailable")
             raise
+        if conn.replay_until == 0:
+            conn.replayed.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(REPLAY_WAIT):
+                await conn.replayed.wait()
 
     async def _last_stored(self, did: str) -> int:
         """Stream sequence of the newest frame stored for ``did`` (0: none)."""
@@ -430,6 +439,8 @@ class ClusterRelay(RelayServer[ClusterConn]):
         if frame_id in conn.early_acks:
             del conn.early_acks[frame_id]
             self._spawn(self._delete(seq))
+            if seq >= conn.replay_until or msg.metadata.num_pending == 0:
+                conn.replayed.set()
             return
         stored = seq <= conn.replay_until
         if not stored and self._stale(conn):
@@ -441,6 +452,8 @@ class ClusterRelay(RelayServer[ClusterConn]):
             await conn.space.wait()
         if conn.closed:
             return
+        if seq >= conn.replay_until or msg.metadata.num_pending == 0:
+            conn.replayed.set()
         if ftype == "message" or stored:
             conn.pushed[frame_id] = seq
             while len(conn.pushed) > self.max_queue_per_recipient:

@@ -869,9 +869,9 @@ class RelayServer(Generic[C]):
             await ws.close(verdict.code)
             return
         conn = self._new_conn(ws, verdict)
+        conn.writer = asyncio.create_task(self._writer(conn))
         try:
             await self._attach(conn)
-            conn.writer = asyncio.create_task(self._writer(conn))
             logger.info("agent connected: %s", verdict.did)
             await self._read_loop(conn)
         except ConnectionClosed:
