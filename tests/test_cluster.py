@@ -130,7 +130,7 @@ async def test_newer_connection_on_another_replica_closes_the_older_with_4006(cl
     alice, bob = identity("cl-4006-a"), identity("cl-4006-b")
     old = await online(ws(cluster.relay_urls[0]), bob)
     new = await online(ws(cluster.relay_urls[1]), bob)
-    frames, code, reason = await closed_with(old, timeout=5)
+    _, code, reason = await closed_with(old, timeout=5)
     assert (code, reason) == (4006, "session_replaced")
     a = await online(ws(cluster.relay_urls[0]), alice)
     await a.send(msg(alice.did, bob.did, "to-the-new-one"))

@@ -42,7 +42,11 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     nats.errors.TimeoutError,
     nats.errors.NoRespondersError,
     nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
     nats.js.errors.ServiceUnavailableError,
+    # js.publish's name for "no responders": the stream has no leader right now (a NATS
+    # node died and the election is running).
+    nats.js.errors.NoStreamResponseError,
     TimeoutError,
 )
 

@@ -421,9 +421,11 @@ class ClusterRelay(RelayServer[ClusterConn]):
             self._stats["dropped_full"] += 1
             logger.warning("not storing %s for %s: %s", route.frame_id, route.recipient, exc.description)
             return
-        except TRANSIENT as exc:
+        except (*TRANSIENT, nats.errors.Error) as exc:  # type: ignore[misc]
+            # JetStream stayed unreachable for RETRY_FOR: the frame is refused (the sender's
+            # end-to-end receipts, where it has them, re-send it).
             self._stats["dropped_full"] += 1
-            logger.error("could not store %s for %s: %s", route.frame_id, route.recipient, exc)
+            logger.error("could not store %s for %s: %r", route.frame_id, route.recipient, exc)
             return
         if not ack.duplicate:
             self._stats["messages_stored"] += 1
