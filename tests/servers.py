@@ -181,6 +181,8 @@ class ServerPair:
     #: cluster kind: the replica processes, in the order of ``relay_urls``/``registry_urls``
     relay_procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     registry_procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    #: cluster kind: relay and registry replicas to start
+    replicas: int = CLUSTER_REPLICAS
     _next: int = 0
 
     @property
@@ -224,7 +226,7 @@ class ServerPair:
         self.nats = NatsCluster().start()
         started: list[tuple[str, subprocess.Popen[bytes], Path]] = []
         for role in ("registry", "relay"):
-            for _ in range(CLUSTER_REPLICAS):
+            for _ in range(self.replicas):
                 port = free_port()
                 proc, log = self._spawn_replica(role, port)
                 url = f"http://127.0.0.1:{port}"

@@ -286,3 +286,34 @@ def test_cli_refuses_fault_knobs_and_serve_without_nats(capsys: pytest.CaptureFi
     assert "--serve needs --nats" in capsys.readouterr().err
     assert main(["--nats", "nats://127.0.0.1:1", "--knock-delay", "1"]) == 2
     assert "fault knobs" in capsys.readouterr().err
+
+
+def test_cluster_bench_smoke(tmp_path: Path) -> None:
+    """benchmarks/cluster_bench.py runs end to end (1 and 2 replicas) and loses nothing."""
+    out = tmp_path / "cluster.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).resolve().parent.parent / "benchmarks" / "cluster_bench.py"),
+            "--agents",
+            "6",
+            "--seconds",
+            "2",
+            "--rate",
+            "2",
+            "--no-agt",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import json
+
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["relay_replicas"] for r in runs] == [1, 2]
+    for r in runs:
+        assert r["sent"] > 0 and r["lost"] == 0 and r["duplicated"] == 0
+        assert r["nats_cpu_us_per_message"] > 0

@@ -34,7 +34,7 @@ import json
 import logging
 import os
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -99,6 +99,11 @@ MAX_EARLY_ACKS = 4096
 #: Bytes of stored frames one connection's consumer may hold in the client library
 #: before the server is made to wait (flow control); at least two maximal frames.
 CONSUMER_PENDING_BYTES = 8 * 1024 * 1024
+#: Acks are gathered this long before the store is told: deleting one frame is a replicated
+#: JetStream API request (~1.7 ms of NATS CPU on three nodes, measured), so the acked
+#: prefix of a recipient's subject is removed with one purge instead.  An ack lost in
+#: this window (the replica dies) means one redelivery, never a loss.
+ACK_FLUSH_DELAY = 0.02
 #: How long a new connection's frame loop waits for the stored frames to be queued, so
 #: that (as on AGT) they are pushed before any reply to the client's first frames.
 REPLAY_WAIT = 5.0
@@ -125,6 +130,11 @@ class ClusterConn(RelayConn):
     #: frame id -> stream sequence of frames pushed on this connection, not yet acked.
     pushed: OrderedDict[str, int] = field(default_factory=OrderedDict)
     early_acks: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    #: Stream sequences this connection has seen, in order, until they are deleted.
+    seen: deque[int] = field(default_factory=deque)
+    #: Those of ``seen`` that may be deleted (acked, or a KNOCK written live).
+    done: set[int] = field(default_factory=set)
+    deleter: asyncio.Task[None] | None = None
     space: asyncio.Event = field(default_factory=asyncio.Event)
     #: Set once the frames stored before the connect are queued for writing.
     replayed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -389,6 +399,11 @@ class ClusterRelay(RelayServer[ClusterConn]):
             with contextlib.suppress(Exception):
                 await conn.sub.unsubscribe()
         conn.space.set()
+        if conn.deleter is not None and not conn.deleter.done():
+            conn.deleter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await conn.deleter
+        await self._delete_done(conn, wait=False)  # the acks received so far
         if self._conns.get(conn.tok) is conn:
             del self._conns[conn.tok]
             if conn.revision:
@@ -438,9 +453,10 @@ class ClusterRelay(RelayServer[ClusterConn]):
         frame_id = unquote(headers.get(_HDR_ID, ""))
         ftype = headers.get(_HDR_TYPE, "message")
         seq = msg.metadata.sequence.stream
+        conn.seen.append(seq)
         if frame_id in conn.early_acks:
             del conn.early_acks[frame_id]
-            self._spawn(self._delete(seq))
+            self._mark_done(conn, seq)
             if seq >= conn.replay_until or msg.metadata.num_pending == 0:
                 conn.replayed.set()
             return
@@ -476,7 +492,7 @@ class ClusterRelay(RelayServer[ClusterConn]):
         if item.kind is OutKind.LIVE:
             self._stats["messages_routed"] += 1
             if item.frame_type != "message":
-                self._spawn(self._delete(item.ref))
+                self._mark_done(conn, item.ref)
         elif item.kind is OutKind.PENDING:
             self._stats["messages_delivered"] += 1
 
@@ -489,7 +505,40 @@ class ClusterRelay(RelayServer[ClusterConn]):
             while len(conn.early_acks) > MAX_EARLY_ACKS:
                 conn.early_acks.popitem(last=False)
             return
-        await self._delete(seq)
+        self._mark_done(conn, seq)
+
+    def _mark_done(self, conn: ClusterConn, seq: int) -> None:
+        conn.done.add(seq)
+        if conn.deleter is None or conn.deleter.done():
+            conn.deleter = asyncio.get_running_loop().create_task(self._delete_done(conn))
+
+    async def _delete_done(self, conn: ClusterConn, *, wait: bool = True) -> None:
+        """Remove what ``conn`` may delete: the done prefix of its subject with one purge,
+        done frames behind a frame still needed (a stored KNOCK never acked, a frame
+        kept for a stale connection) one by one."""
+        while conn.done:
+            if wait:
+                await asyncio.sleep(ACK_FLUSH_DELAY)
+            upto = 0
+            while conn.seen and conn.seen[0] in conn.done:
+                upto = conn.seen.popleft()
+                conn.done.discard(upto)
+            behind = [seq for seq in conn.seen if seq in conn.done]
+            for seq in behind:
+                conn.done.discard(seq)
+            if behind:
+                conn.seen = deque(seq for seq in conn.seen if seq not in set(behind))
+            if upto:
+                await self._purge_upto(conn.did, upto)
+            for seq in behind:
+                await self._delete(seq)
+
+    async def _purge_upto(self, did: str, seq: int) -> None:
+        """Delete every frame stored for ``did`` with a stream sequence up to ``seq``."""
+        try:
+            await retrying("purge", lambda: self.js.purge_stream(self.stream, subject=self._subject(did), seq=seq + 1))
+        except (nats.js.errors.APIError, *TRANSIENT) as exc:  # type: ignore[misc]
+            logger.warning("could not remove acked frames of %s: %s", did, exc)
 
     async def _delete(self, seq: int) -> None:
         try:
