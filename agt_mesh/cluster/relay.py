@@ -108,7 +108,8 @@ ACK_FLUSH_DELAY = 0.02
 #: that (as on AGT) they are pushed before any reply to the client's first frames.
 REPLAY_WAIT = 5.0
 #: Idle heartbeat of the per-connection ordered consumers: after two missed ones the
-#: consumer is recreated (a NATS node died), so delivery resumes within ~2 s.
+#: consumer is recreated (a NATS node died), so delivery resumes within ~2 s.  It costs one
+#: NATS message per idle connection per interval: a mesh of 100,000 agents wants ~10 s.
 CONSUMER_HEARTBEAT = 1.0
 
 _HDR_ID = "Mesh-Id"
@@ -155,6 +156,8 @@ class ClusterRelay(RelayServer[ClusterConn]):
         max_frame_bytes: largest frame (capped to the NATS server's ``max_payload``).
         stale_after, connect_timeout, idle_timeout, max_outbox, ping_*: as the dev relay.
         stream, subject_prefix, sessions_bucket: JetStream names (one set per mesh).
+        consumer_heartbeat: idle heartbeat of each connection's consumer (seconds); a
+            NATS node failure is noticed after two missed ones.
     """
 
     def __init__(
@@ -179,6 +182,7 @@ class ClusterRelay(RelayServer[ClusterConn]):
         stream: str = DEFAULT_STREAM,
         subject_prefix: str = DEFAULT_SUBJECT_PREFIX,
         sessions_bucket: str = DEFAULT_SESSIONS_BUCKET,
+        consumer_heartbeat: float = CONSUMER_HEARTBEAT,
     ) -> None:
         super().__init__(
             host,
@@ -204,6 +208,9 @@ class ClusterRelay(RelayServer[ClusterConn]):
         self.stream = stream
         self.subject_prefix = subject_prefix
         self.sessions_bucket = sessions_bucket
+        if consumer_heartbeat <= 0:
+            raise ValueError("consumer_heartbeat must be positive")
+        self.consumer_heartbeat = consumer_heartbeat
         self.replica_id = os.urandom(6).hex()
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
@@ -349,7 +356,7 @@ class ClusterRelay(RelayServer[ClusterConn]):
                     cb=on_stored,
                     ordered_consumer=True,
                     deliver_policy=DeliverPolicy.ALL,
-                    idle_heartbeat=CONSUMER_HEARTBEAT,
+                    idle_heartbeat=self.consumer_heartbeat,
                     pending_msgs_limit=self.max_outbox,
                     pending_bytes_limit=max(CONSUMER_PENDING_BYTES, 2 * self.max_frame_bytes),
                 ),

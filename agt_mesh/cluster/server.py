@@ -40,6 +40,7 @@ async def serve_cluster(args: argparse.Namespace, out: TextIO | None = None) -> 
                 max_queue_per_recipient=args.max_queue_per_recipient,
                 max_store_bytes=args.max_store_bytes,
                 ttl=args.ttl,
+                consumer_heartbeat=args.consumer_heartbeat,
                 **({} if args.stale_after is None else {"stale_after": args.stale_after}),
             )
             await relay.start()
