@@ -100,8 +100,9 @@ MAX_PROFILE_BYTES = 16 * 1024
 MAX_DID_CHARS = 512
 #: One-time pre-keys in one uploaded bundle (the SDK uploads 20-100 at a time).
 MAX_ONE_TIME_PRE_KEYS = 500
-#: Bytes of one one-time pre-key entry as compact JSON (a real one is under 100).
-MAX_PRE_KEY_BYTES = 1024
+#: Bytes of one one-time pre-key entry as compact JSON: a classic entry is under 100, a
+#: hybrid one carrying an ML-KEM-768 key (docs/pq.md) about 1.9 KB, an ML-KEM-1024 one ~2.5 KB.
+MAX_PRE_KEY_BYTES = 4096
 
 T = TypeVar("T")
 
