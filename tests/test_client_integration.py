@@ -1,7 +1,10 @@
-"""Two MeshClients conversing through each of the three servers.
+"""Two MeshClients conversing through each of the four servers.
 
 Servers (subprocesses on 127.0.0.1, see ``servers.py``): the real AGT core 5.0.0 relay +
-registry (POP enforced), the real agentmesh-platform 3.7.0 (pre-POP) and the dev relay.
+registry (POP enforced), the real agentmesh-platform 3.7.0 (pre-POP), the dev relay, and
+the cluster relay/registry (two replicas of each on a 3-node NATS JetStream cluster; each
+new client gets the other replica than the previous one, so the two sides of every
+conversation are on different replicas).
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ def servers(request: pytest.FixtureRequest) -> Iterator[ServerPair]:
 
 
 def _client(servers: ServerPair, name: str, **kw: Any) -> MeshClient:
+    relay_url, registry_url = servers.urls()
     return MeshClient(
         Identity.generate(os.urandom),
-        relay_url=servers.relay_url,
-        registry_url=servers.registry_url,
+        relay_url=relay_url,
+        registry_url=registry_url,
         display_name=f"{name}-{os.urandom(4).hex()}",
         connect_timeout=5,
         **kw,

@@ -341,9 +341,7 @@ async def test_agt_relay_killed_mid_stream(
     b = _client(agt.relay_url, agt.registry_url, tmp_path / "b", "bob")
     await _connect(a, b)
     if not receipts:
-        a.protocol.config.receipts = b.protocol.config.receipts = False
-        b.protocol.receipt_peers.add(a.did)  # warm_up waits for this; no receipts will be sent
-        a.protocol.receipt_peers.add(b.did)
+        _receipts_off(a, b)
     try:
         row = await run_scenario(
             fault_table,
@@ -361,6 +359,104 @@ async def test_agt_relay_killed_mid_stream(
     finally:
         await a.disconnect()
         await b.disconnect()
+
+
+# ----------------------------------------------------------------------------------
+# the cluster relay: a replica or a NATS node killed mid-stream
+# ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[ServerPair]:
+    pair = ServerPair("cluster").start()
+    yield pair
+    pair.stop()
+
+
+def _receipts_off(a: MeshClient, b: MeshClient) -> None:
+    """What a TypeScript peer gets: no end-to-end receipts, so no re-sends by the sender."""
+    a.protocol.config.receipts = b.protocol.config.receipts = False
+    b.protocol.receipt_peers.add(a.did)  # warm_up waits for this; no receipts will be sent
+    a.protocol.receipt_peers.add(b.did)
+
+
+async def _cluster_clients(cluster: ServerPair, tmp_path: Path) -> tuple[MeshClient, MeshClient]:
+    """alice on relay/registry replica 0, bob on replica 1, receipts off."""
+    a = _client(*cluster.urls(0), tmp_path / "a", "alice")
+    b = _client(*cluster.urls(1), tmp_path / "b", "bob")
+    await _connect(a, b)
+    _receipts_off(a, b)
+    return a, b
+
+
+async def test_cluster_receiver_replica_killed_mid_stream(
+    cluster: ServerPair, tmp_path: Path, fault_table: list[Any]
+) -> None:
+    """SIGKILL the relay replica bob is connected to: every frame alice's replica accepted is
+    in JetStream, so bob gets all of them after reconnecting (here: to the restarted replica)."""
+    a, b = await _cluster_clients(cluster, tmp_path)
+
+    def kill_and_restart() -> None:
+        cluster.kill_relay_replica(1)
+        cluster.restart_relay_replica(1)
+
+    try:
+        row = await run_scenario(
+            fault_table,
+            "relay-kill/cluster/receipts-off",
+            "cluster",
+            a,
+            b,
+            lambda: asyncio.to_thread(kill_and_restart),
+            note="bob's relay replica SIGKILLed and restarted (2 relay replicas, 3 NATS nodes); "
+            "end-to-end receipts off (as with a TypeScript peer)",
+        )
+        assert row["reconnects"]["bob"] >= 1 and row["reconnects"]["alice"] == 0
+    finally:
+        await a.disconnect()
+        await b.disconnect()
+
+
+async def _stream_leader(cluster: ServerPair) -> int:
+    import nats
+
+    assert cluster.nats is not None
+    nc = await nats.connect(servers=cluster.nats.urls)
+    try:
+        info = await nc.jetstream().stream_info("MESH_RELAY")
+        assert info.cluster is not None and info.cluster.leader is not None
+        return int(info.cluster.leader.lstrip("n"))
+    finally:
+        await nc.close()
+
+
+async def test_cluster_nats_node_killed_mid_stream(cluster: ServerPair, tmp_path: Path, fault_table: list[Any]) -> None:
+    """SIGKILL the NATS node that leads the relay's stream: R3 keeps every accepted frame,
+    a new leader is elected and the replicas' clients fail over to the surviving nodes."""
+    a, b = await _cluster_clients(cluster, tmp_path)
+    leader = await _stream_leader(cluster)
+    assert cluster.nats is not None
+    nats_cluster = cluster.nats
+
+    async def kill() -> None:
+        await asyncio.to_thread(nats_cluster.kill_node, leader)
+
+    try:
+        row = await run_scenario(
+            fault_table,
+            "nats-node-kill/cluster/receipts-off",
+            "cluster",
+            a,
+            b,
+            kill,
+            note="the NATS node leading the relay stream SIGKILLed (3 nodes, R3); "
+            "end-to-end receipts off (as with a TypeScript peer)",
+        )
+        assert row["lost"] == 0
+    finally:
+        await a.disconnect()
+        await b.disconnect()
+        await asyncio.to_thread(nats_cluster.restart_node, leader)
 
 
 # ----------------------------------------------------------------------------------

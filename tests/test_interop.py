@@ -26,6 +26,7 @@ SERVER_CELLS = {
     "agt-5.0.0": ALL_CELLS,
     "agt-3.7.0": ("py-ts", "ts-py", "py-py", "ts-ts"),
     "dev": ALL_CELLS,
+    "cluster": ALL_CELLS,
 }
 SCENARIOS = (
     "hello",

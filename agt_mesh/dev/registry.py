@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import datetime as _dt
 import email.utils
 import json
@@ -30,7 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from agt_mesh.core.encoding import b64url_decode, b64url_encode
@@ -41,12 +42,24 @@ __all__ = [
     "AUTH_SCHEME",
     "DEFAULT_HEARTBEAT_INTERVAL",
     "DEFAULT_MAX_BODY_BYTES",
+    "MAX_CAPABILITIES",
+    "MAX_CAPABILITY_CHARS",
+    "MAX_DID_CHARS",
+    "MAX_METADATA_ENTRIES",
+    "MAX_ONE_TIME_PRE_KEYS",
+    "MAX_PRE_KEY_BYTES",
+    "MAX_PROFILE_BYTES",
     "ONLINE_WINDOW",
     "REPLAY_WINDOW",
     "AgentRecord",
     "DevRegistry",
     "HttpResult",
+    "MemoryBackend",
+    "RegistryBackend",
+    "RegistryService",
     "RegistryState",
+    "record_from_json",
+    "record_to_json",
 ]
 
 logger = logging.getLogger("agt_mesh.dev.registry")
@@ -71,6 +84,27 @@ DEFAULT_KEEP_ALIVE_TIMEOUT = 30.0
 #: Time allowed to receive a request body once its head has arrived.
 DEFAULT_REQUEST_TIMEOUT = 10.0
 _MAX_LIMIT = 200
+
+# Record quotas.  AGT has none; these keep one client from making its record (which every
+# discover and pre-key fetch reads) or its pre-key list arbitrarily large.  The SDK and
+# the TypeScript SDK stay far below them (a handful of capabilities, 20-100 pre-keys).
+#: Capabilities per agent.
+MAX_CAPABILITIES = 64
+#: Characters of one capability (they are matched exactly by discover).
+MAX_CAPABILITY_CHARS = 256
+#: Metadata entries per agent.
+MAX_METADATA_ENTRIES = 64
+#: Bytes of the capabilities and metadata together, as compact JSON (16 KiB).
+MAX_PROFILE_BYTES = 16 * 1024
+#: Characters of a caller-chosen (legacy) DID; POP DIDs are 41 characters.
+MAX_DID_CHARS = 512
+#: One-time pre-keys in one uploaded bundle (the SDK uploads 20-100 at a time).
+MAX_ONE_TIME_PRE_KEYS = 500
+#: Bytes of one one-time pre-key entry as compact JSON: a classic entry is under 100, a
+#: hybrid one carrying an ML-KEM-768 key (docs/pq.md) about 1.9 KB, an ML-KEM-1024 one ~2.5 KB.
+MAX_PRE_KEY_BYTES = 4096
+
+T = TypeVar("T")
 
 
 def _utcnow() -> _dt.datetime:
@@ -130,6 +164,64 @@ class AgentRecord:
     reputation_score: float = 0.5
 
 
+def record_to_json(record: AgentRecord) -> dict[str, Any]:
+    """A record as JSON-safe values (bytes as base64url), for stores outside the process."""
+
+    def b(value: bytes | None) -> str | None:
+        return None if value is None else b64url_encode(value)
+
+    def t(value: _dt.datetime | None) -> str | None:
+        return None if value is None else value.isoformat()
+
+    return {
+        "did": record.did,
+        "public_key": b(record.public_key),
+        "capabilities": list(record.capabilities),
+        "metadata": dict(record.metadata),
+        "registered_at": t(record.registered_at),
+        "last_seen": t(record.last_seen),
+        "legacy": record.legacy,
+        "identity_key": b(record.identity_key),
+        "identity_key_ed": b(record.identity_key_ed),
+        "signed_pre_key": b(record.signed_pre_key),
+        "signed_pre_key_signature": b(record.signed_pre_key_signature),
+        "signed_pre_key_id": record.signed_pre_key_id,
+        "one_time_pre_keys": list(record.one_time_pre_keys),
+        "last_heartbeat": t(record.last_heartbeat),
+        "reputation_score": record.reputation_score,
+    }
+
+
+def record_from_json(obj: dict[str, Any]) -> AgentRecord:
+    """The inverse of :func:`record_to_json`."""
+
+    def b(value: Any) -> bytes | None:
+        return None if value is None else b64url_decode(value)
+
+    def t(value: Any) -> _dt.datetime | None:
+        return None if value is None else _dt.datetime.fromisoformat(value)
+
+    public_key, registered_at, last_seen = b(obj["public_key"]), t(obj["registered_at"]), t(obj["last_seen"])
+    assert public_key is not None and registered_at is not None and last_seen is not None
+    return AgentRecord(
+        did=obj["did"],
+        public_key=public_key,
+        capabilities=list(obj["capabilities"]),
+        metadata=dict(obj["metadata"]),
+        registered_at=registered_at,
+        last_seen=last_seen,
+        legacy=bool(obj["legacy"]),
+        identity_key=b(obj["identity_key"]),
+        identity_key_ed=b(obj["identity_key_ed"]),
+        signed_pre_key=b(obj["signed_pre_key"]),
+        signed_pre_key_signature=b(obj["signed_pre_key_signature"]),
+        signed_pre_key_id=obj["signed_pre_key_id"],
+        one_time_pre_keys=deque(obj["one_time_pre_keys"]),
+        last_heartbeat=t(obj["last_heartbeat"]),
+        reputation_score=float(obj["reputation_score"]),
+    )
+
+
 def _parse_ts(text: str) -> _dt.datetime | None:
     """An ISO-8601 timestamp with an explicit offset (``Z`` accepted), else ``None``."""
     if len(text) > 64:
@@ -141,10 +233,82 @@ def _parse_ts(text: str) -> _dt.datetime | None:
     return ts if ts.tzinfo is not None else None
 
 
-class RegistryState:
-    """Registry logic without I/O.
+class RegistryBackend:
+    """Where a registry keeps its agent records (the storage half of :class:`RegistryService`).
+
+    Every method is a coroutine so that a networked store (JetStream KV in
+    ``agt_mesh.cluster``) and the in-memory one share the front end.  ``update`` applies
+    ``change`` to the current record and stores the result atomically (compare-and-set
+    where the store is shared): ``change`` may run more than once and may raise to
+    abandon the update.
+    """
+
+    async def get(self, did: str) -> AgentRecord | None:
+        raise NotImplementedError
+
+    async def create(self, record: AgentRecord) -> bool:
+        """Store a new record; ``False`` if the DID is already registered."""
+        raise NotImplementedError
+
+    async def update(self, did: str, change: Callable[[AgentRecord], T]) -> tuple[bool, T | None]:
+        """``(found, change(record))``; the changed record is stored only when found."""
+        raise NotImplementedError
+
+    async def delete(self, did: str) -> bool:
+        raise NotImplementedError
+
+    async def discover(self, capability: str, limit: int) -> list[AgentRecord]:
+        """Up to ``limit`` records with ``capability``, in registration order."""
+        raise NotImplementedError
+
+
+class MemoryBackend(RegistryBackend):
+    """Records in a dict (registration order), for the development registry."""
+
+    def __init__(self) -> None:
+        self.agents: dict[str, AgentRecord] = {}
+
+    async def get(self, did: str) -> AgentRecord | None:
+        return self.agents.get(did)
+
+    async def create(self, record: AgentRecord) -> bool:
+        if record.did in self.agents:
+            return False
+        self.agents[record.did] = record
+        return True
+
+    async def update(self, did: str, change: Callable[[AgentRecord], T]) -> tuple[bool, T | None]:
+        record = self.agents.get(did)
+        if record is None:
+            return False, None
+        # Change a copy: a change that raises must leave the stored record as it was.
+        draft = copy.deepcopy(record)
+        result = change(draft)
+        self.agents[did] = draft
+        return True, result
+
+    async def delete(self, did: str) -> bool:
+        return self.agents.pop(did, None) is not None
+
+    async def discover(self, capability: str, limit: int) -> list[AgentRecord]:
+        out = []
+        for record in self.agents.values():
+            if capability in record.capabilities:
+                out.append(record)
+                if len(out) >= limit:
+                    break
+        return out
+
+
+class RegistryService:
+    """The registry's HTTP contract over a :class:`RegistryBackend`.
+
+    It validates and authenticates requests exactly as AGT core 5.0.0 does and enforces
+    the record quotas (capabilities, metadata, one-time pre-keys); the backend only
+    stores.  ``handle(method, target, headers, body)`` → :class:`HttpResult`.
 
     Args:
+        backend: where records live.
         allow_legacy: also accept the pre-POP registration body
             ``{did, public_key, capabilities, metadata}`` (agentmesh-platform 3.7.0 and
             npm 4.0.0 clients).  The DID is then caller-chosen and requests about that
@@ -156,43 +320,29 @@ class RegistryState:
 
     def __init__(
         self,
+        backend: RegistryBackend,
         *,
         allow_legacy: bool = False,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         replay_window: float = REPLAY_WINDOW,
         now: Callable[[], _dt.datetime] = _utcnow,
     ) -> None:
+        self.backend = backend
         self.allow_legacy = allow_legacy
         self.heartbeat_interval = heartbeat_interval
         self.replay_window = replay_window
         self._now = now
-        self._agents: dict[str, AgentRecord] = {}
-
-    # -- introspection ---------------------------------------------------------------
-
-    def agent(self, did: str) -> AgentRecord | None:
-        return self._agents.get(did)
-
-    @property
-    def dids(self) -> list[str]:
-        """Registered DIDs in registration order."""
-        return list(self._agents)
-
-    def otk_count(self, did: str) -> int:
-        """One-time pre-keys left for ``did`` (0 if unknown)."""
-        record = self._agents.get(did)
-        return len(record.one_time_pre_keys) if record is not None else 0
 
     # -- dispatch --------------------------------------------------------------------
 
-    def handle(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> HttpResult:
+    async def handle(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> HttpResult:
         """Answer one request.  ``headers`` must have lower-case names."""
         try:
-            return self._dispatch(method.upper(), target, headers, body)
+            return await self._dispatch(method.upper(), target, headers, body)
         except _HttpError as exc:
             return HttpResult(exc.status, {"detail": exc.detail})
 
-    def _dispatch(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> HttpResult:
+    async def _dispatch(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> HttpResult:
         parts = urlsplit(target)
         try:
             segs = [unquote(s, errors="strict") for s in parts.path.split("/")]
@@ -212,29 +362,29 @@ class RegistryState:
             )
         if segs == ["", "v1", "discover"]:
             self._allow(method, "GET")
-            return self._discover(parts.query)
+            return await self._discover(parts.query)
         if segs == ["", "v1", "agents"]:
             self._allow(method, "POST")
-            return self._register(body)
+            return await self._register(body)
         if len(segs) >= 4 and segs[:3] == ["", "v1", "agents"] and segs[3]:
             did = segs[3]
             rest = segs[4:]
             if not rest:
                 self._allow(method, "GET", "DELETE")
                 if method == "GET":
-                    return self._get_agent(did)
-                return self._delete(did, auth)
+                    return await self._get_agent(did)
+                return await self._delete(did, auth)
             if rest == ["prekeys"]:
                 self._allow(method, "GET", "PUT")
                 if method == "GET":
-                    return self._fetch_prekeys(did)
-                return self._upload_prekeys(did, auth, body)
+                    return await self._fetch_prekeys(did)
+                return await self._upload_prekeys(did, auth, body)
             if rest == ["presence"]:
                 self._allow(method, "GET")
-                return self._presence(did)
+                return await self._presence(did)
             if rest == ["heartbeat"]:
                 self._allow(method, "POST")
-                return self._heartbeat(did, auth)
+                return await self._heartbeat(did, auth)
         _fail(404, "Not Found")
 
     @staticmethod
@@ -286,6 +436,15 @@ class RegistryState:
                     caps,
                 )
             )
+        elif len(caps) > MAX_CAPABILITIES or any(len(c) > MAX_CAPABILITY_CHARS for c in caps):
+            problems.append(
+                _problem(
+                    "too_long",
+                    ["body", "capabilities"],
+                    f"at most {MAX_CAPABILITIES} capabilities of at most {MAX_CAPABILITY_CHARS} characters",
+                    None,
+                )
+            )
         meta = obj.get("metadata", {})
         if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
             problems.append(
@@ -296,8 +455,23 @@ class RegistryState:
                     meta,
                 )
             )
+        elif len(meta) > MAX_METADATA_ENTRIES:
+            problems.append(
+                _problem("too_long", ["body", "metadata"], f"at most {MAX_METADATA_ENTRIES} metadata entries", None)
+            )
+        if not problems:
+            size = len(json.dumps([caps, meta], separators=(",", ":"), ensure_ascii=False).encode())
+            if size > MAX_PROFILE_BYTES:
+                problems.append(
+                    _problem(
+                        "too_long",
+                        ["body"],
+                        f"capabilities and metadata together are at most {MAX_PROFILE_BYTES} bytes of JSON",
+                        size,
+                    )
+                )
 
-    def _authenticate(self, header: str | None) -> str:
+    async def _authenticate(self, header: str | None) -> str:
         """Verify an ``Ed25519-Timestamp`` header; return the authenticated DID (AGT's checks)."""
         if not header or not header.startswith(AUTH_SCHEME + " "):
             _fail(401, "Missing or invalid Authorization header")
@@ -313,7 +487,7 @@ class RegistryState:
             _fail(401, "Timestamp must include timezone offset")
         if abs((self._now() - ts).total_seconds()) > self.replay_window:
             _fail(401, "Timestamp outside replay window")
-        record = self._agents.get(did)
+        record = await self.backend.get(did)
         if record is None:
             _fail(401, "Agent not registered")
         try:
@@ -324,17 +498,17 @@ class RegistryState:
             _fail(401, "Invalid signature")
         return did
 
-    def _require_owner(self, did: str, header: str | None, mismatch: str) -> None:
-        authed = self._authenticate(header)
+    async def _require_owner(self, did: str, header: str | None, mismatch: str) -> None:
+        authed = await self._authenticate(header)
         if authed != did:
             _fail(403, mismatch)
 
     # -- registration ----------------------------------------------------------------
 
-    def _register(self, body: bytes) -> HttpResult:
+    async def _register(self, body: bytes) -> HttpResult:
         obj = self._json_object(body)
         if self.allow_legacy and "did" in obj and "proof" not in obj and "proof_timestamp" not in obj:
-            return self._register_legacy(obj)
+            return await self._register_legacy(obj)
         problems: list[dict[str, Any]] = []
         self._check_str_fields(obj, ("public_key", "proof", "proof_timestamp"), problems)
         self._check_caps_meta(obj, problems)
@@ -362,19 +536,17 @@ class RegistryState:
         if not ed25519_verify(public_key, proof, (pk_text + ts_text).encode()):
             _fail(401, "Invalid proof-of-possession")
         did = did_from_ed25519(public_key)
-        if did in self._agents:
-            _fail(409, "Agent already registered")
-        self._add(did, public_key, obj, legacy=False)
+        await self._add(did, public_key, obj, legacy=False)
         return HttpResult(201, {"did": did, "status": "registered"})
 
-    def _register_legacy(self, obj: dict[str, Any]) -> HttpResult:
+    async def _register_legacy(self, obj: dict[str, Any]) -> HttpResult:
         problems: list[dict[str, Any]] = []
         self._check_str_fields(obj, ("did", "public_key"), problems)
         self._check_caps_meta(obj, problems)
         if problems:
             _fail(422, problems)
         did: str = obj["did"]
-        if did in self._agents:
+        if await self.backend.get(did) is not None:
             _fail(409, "Agent already registered")
         try:
             public_key = b64url_decode(obj["public_key"])
@@ -382,12 +554,12 @@ class RegistryState:
             _fail(400, "Invalid public_key encoding")
         if len(public_key) != 32:
             _fail(400, "public_key must be 32 bytes")
-        self._add(did, public_key, obj, legacy=True)
+        await self._add(did, public_key, obj, legacy=True)
         return HttpResult(201, {"did": did, "status": "registered"})
 
-    def _add(self, did: str, public_key: bytes, obj: dict[str, Any], *, legacy: bool) -> None:
+    async def _add(self, did: str, public_key: bytes, obj: dict[str, Any], *, legacy: bool) -> None:
         now = self._now()
-        self._agents[did] = AgentRecord(
+        record = AgentRecord(
             did=did,
             public_key=public_key,
             capabilities=list(obj.get("capabilities", [])),
@@ -396,10 +568,14 @@ class RegistryState:
             last_seen=now,
             legacy=legacy,
         )
+        if len(did) > MAX_DID_CHARS:
+            _fail(422, [_problem("string_too_long", ["body", "did"], f"at most {MAX_DID_CHARS} characters", did)])
+        if not await self.backend.create(record):
+            _fail(409, "Agent already registered")
         logger.info("registered %s%s", did, " (legacy, unauthenticated)" if legacy else "")
 
-    def _get_agent(self, did: str) -> HttpResult:
-        record = self._agents.get(did)
+    async def _get_agent(self, did: str) -> HttpResult:
+        record = await self.backend.get(did)
         if record is None:
             _fail(404, "Agent not found")
         return HttpResult(
@@ -424,21 +600,21 @@ class RegistryState:
             },
         )
 
-    def _delete(self, did: str, auth: str | None) -> HttpResult:
-        record = self._agents.get(did)
+    async def _delete(self, did: str, auth: str | None) -> HttpResult:
+        record = await self.backend.get(did)
         if record is None or not record.legacy:
             if auth is None:
                 _fail(422, [_missing(["header", "Authorization"])])
-            self._require_owner(did, auth, "DID mismatch")
-        if self._agents.pop(did, None) is None:
+            await self._require_owner(did, auth, "DID mismatch")
+        if not await self.backend.delete(did):
             _fail(404, "Agent not found")
         logger.info("deregistered %s", did)
         return HttpResult(204)
 
     # -- pre-keys --------------------------------------------------------------------
 
-    def _upload_prekeys(self, did: str, auth: str | None, body: bytes) -> HttpResult:
-        record = self._agents.get(did)
+    async def _upload_prekeys(self, did: str, auth: str | None, body: bytes) -> HttpResult:
+        record = await self.backend.get(did)
         legacy = record is not None and record.legacy
         problems: list[dict[str, Any]] = []
         if auth is None and not legacy:
@@ -485,7 +661,7 @@ class RegistryState:
         if record is None:
             _fail(404, "Agent not found")
         if not legacy:
-            self._require_owner(did, auth, "DID mismatch")
+            await self._require_owner(did, auth, "DID mismatch")
         try:
             identity_key = b64url_decode(obj["identity_key"])
             identity_key_ed = b64url_decode(obj["identity_key_ed"]) if obj.get("identity_key_ed") else None
@@ -499,20 +675,67 @@ class RegistryState:
             _fail(400, "identity_key_ed must be exactly 32 bytes (Ed25519 public key)")
         if not isinstance(spk_id, int) or isinstance(spk_id, bool) or spk_id < 0:
             _fail(400, "Invalid pre-key bundle: signed_pre_key.key_id must be an integer >= 0")
-        record.identity_key = identity_key
-        if identity_key_ed is not None:
-            record.identity_key_ed = identity_key_ed
-        record.signed_pre_key = spk_public
-        record.signed_pre_key_signature = spk_signature
-        record.signed_pre_key_id = spk_id
-        record.one_time_pre_keys = deque(obj.get("one_time_pre_keys", []))
-        return HttpResult(200, {"did": did, "otk_count": len(record.one_time_pre_keys)})
+        otks = obj.get("one_time_pre_keys", [])
+        self._check_prekey_quota(otks)
 
-    def _fetch_prekeys(self, did: str) -> HttpResult:
-        record = self._agents.get(did)
-        if record is None or record.signed_pre_key is None:
+        def replace_bundle(record: AgentRecord) -> int:
+            record.identity_key = identity_key
+            if identity_key_ed is not None:
+                record.identity_key_ed = identity_key_ed
+            record.signed_pre_key = spk_public
+            record.signed_pre_key_signature = spk_signature
+            record.signed_pre_key_id = spk_id
+            record.one_time_pre_keys = deque(otks)
+            return len(record.one_time_pre_keys)
+
+        found, count = await self.backend.update(did, replace_bundle)
+        if not found:
+            _fail(404, "Agent not found")
+        return HttpResult(200, {"did": did, "otk_count": count})
+
+    @staticmethod
+    def _check_prekey_quota(otks: list[Any]) -> None:
+        if len(otks) > MAX_ONE_TIME_PRE_KEYS:
+            _fail(
+                422,
+                [
+                    _problem(
+                        "too_long",
+                        ["body", "one_time_pre_keys"],
+                        f"at most {MAX_ONE_TIME_PRE_KEYS} one-time pre-keys per bundle",
+                        len(otks),
+                    )
+                ],
+            )
+        for i, otk in enumerate(otks):
+            if len(json.dumps(otk, separators=(",", ":"))) > MAX_PRE_KEY_BYTES:
+                _fail(
+                    422,
+                    [
+                        _problem(
+                            "too_long",
+                            ["body", "one_time_pre_keys", i],
+                            f"a one-time pre-key entry is at most {MAX_PRE_KEY_BYTES} bytes of JSON",
+                            None,
+                        )
+                    ],
+                )
+
+    async def _fetch_prekeys(self, did: str) -> HttpResult:
+        def take_one(record: AgentRecord) -> tuple[AgentRecord, dict[str, Any] | None]:
+            if record.signed_pre_key is None:
+                _fail(404, "Pre-key bundle not found")
+            # Each one-time pre-key is handed out once: the pop is part of the atomic
+            # update (compare-and-set on a shared store), so two replicas never hand
+            # out the same key.
+            otk = record.one_time_pre_keys.popleft() if record.one_time_pre_keys else None
+            return record, otk
+
+        found, taken = await self.backend.update(did, take_one)
+        if not found or taken is None:
             _fail(404, "Pre-key bundle not found")
-        otk = record.one_time_pre_keys.popleft() if record.one_time_pre_keys else None
+        record, otk = taken
+        assert record.signed_pre_key is not None
         return HttpResult(
             200,
             {
@@ -529,7 +752,7 @@ class RegistryState:
 
     # -- discovery and presence ------------------------------------------------------
 
-    def _discover(self, query: str) -> HttpResult:
+    async def _discover(self, query: str) -> HttpResult:
         params = parse_qs(query, keep_blank_values=True)
         problems: list[dict[str, Any]] = []
         capability = params.get("capability", [None])[0]
@@ -570,23 +793,20 @@ class RegistryState:
                     )
         if problems:
             _fail(422, problems)
-        results = []
-        for record in self._agents.values():
-            if capability in record.capabilities:
-                results.append(
-                    {
-                        "did": record.did,
-                        "capabilities": list(record.capabilities),
-                        "reputation_score": record.reputation_score,
-                        "last_seen": record.last_seen.isoformat(),
-                    }
-                )
-                if len(results) >= limit:
-                    break
+        assert capability is not None
+        results = [
+            {
+                "did": record.did,
+                "capabilities": list(record.capabilities),
+                "reputation_score": record.reputation_score,
+                "last_seen": record.last_seen.isoformat(),
+            }
+            for record in await self.backend.discover(capability, limit)
+        ]
         return HttpResult(200, {"results": results, "total": len(results)})
 
-    def _presence(self, did: str) -> HttpResult:
-        record = self._agents.get(did)
+    async def _presence(self, did: str) -> HttpResult:
+        record = await self.backend.get(did)
         if record is None:
             _fail(404, "Agent not found")
         age = (self._now() - record.last_seen).total_seconds()
@@ -599,22 +819,62 @@ class RegistryState:
             },
         )
 
-    def _heartbeat(self, did: str, auth: str | None) -> HttpResult:
-        record = self._agents.get(did)
+    async def _heartbeat(self, did: str, auth: str | None) -> HttpResult:
+        record = await self.backend.get(did)
         if record is None or not record.legacy:
-            self._require_owner(did, auth, "Authenticated DID does not match heartbeat target")
-            record = self._agents.get(did)
-        if record is None:
-            _fail(404, "Agent not found")
+            await self._require_owner(did, auth, "Authenticated DID does not match heartbeat target")
         now = self._now()
-        if (
-            record.last_heartbeat is not None
-            and (now - record.last_heartbeat).total_seconds() < self.heartbeat_interval
-        ):
-            _fail(429, f"Heartbeat throttled; retry after {self.heartbeat_interval:g}s")
-        record.last_heartbeat = now
-        record.last_seen = now
+
+        def beat(record: AgentRecord) -> None:
+            if (
+                record.last_heartbeat is not None
+                and (now - record.last_heartbeat).total_seconds() < self.heartbeat_interval
+            ):
+                _fail(429, f"Heartbeat throttled; retry after {self.heartbeat_interval:g}s")
+            record.last_heartbeat = now
+            record.last_seen = now
+
+        found, _ = await self.backend.update(did, beat)
+        if not found:
+            _fail(404, "Agent not found")
         return HttpResult(200, {"did": did, "last_seen": now.isoformat()})
+
+
+class RegistryState(RegistryService):
+    """The development registry: :class:`RegistryService` over a :class:`MemoryBackend`.
+
+    Same arguments as :class:`RegistryService` minus ``backend``.
+    """
+
+    def __init__(
+        self,
+        *,
+        allow_legacy: bool = False,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        replay_window: float = REPLAY_WINDOW,
+        now: Callable[[], _dt.datetime] = _utcnow,
+    ) -> None:
+        self.memory = MemoryBackend()
+        super().__init__(
+            self.memory,
+            allow_legacy=allow_legacy,
+            heartbeat_interval=heartbeat_interval,
+            replay_window=replay_window,
+            now=now,
+        )
+
+    def agent(self, did: str) -> AgentRecord | None:
+        return self.memory.agents.get(did)
+
+    @property
+    def dids(self) -> list[str]:
+        """Registered DIDs in registration order."""
+        return list(self.memory.agents)
+
+    def otk_count(self, did: str) -> int:
+        """One-time pre-keys left for ``did`` (0 if unknown)."""
+        record = self.memory.agents.get(did)
+        return len(record.one_time_pre_keys) if record is not None else 0
 
 
 # --------------------------------------------------------------------------------------
@@ -695,6 +955,9 @@ class DevRegistry:
         max_body_bytes: larger request bodies are refused with 413 (default 1 MiB).
         keep_alive_timeout: idle keep-alive connections are closed after this long.
         request_timeout: time allowed to send a request body.
+        service: serve this :class:`RegistryService` (another storage backend) instead
+            of an in-memory :class:`RegistryState`; ``allow_legacy`` and
+            ``heartbeat_interval`` are then the service's own.
     """
 
     def __init__(
@@ -702,6 +965,7 @@ class DevRegistry:
         host: str = "127.0.0.1",
         port: int = 0,
         *,
+        service: RegistryService | None = None,
         allow_legacy: bool = False,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -713,7 +977,11 @@ class DevRegistry:
             raise ValueError("max_body_bytes must be >= 0 and max_header_bytes >= 1024")
         if keep_alive_timeout <= 0 or request_timeout <= 0:
             raise ValueError("keep_alive_timeout and request_timeout must be positive")
-        self.state = RegistryState(allow_legacy=allow_legacy, heartbeat_interval=heartbeat_interval)
+        self.service = (
+            service
+            if service is not None
+            else RegistryState(allow_legacy=allow_legacy, heartbeat_interval=heartbeat_interval)
+        )
         self._host = host
         self._requested_port = port
         self.max_body_bytes = max_body_bytes
@@ -781,6 +1049,13 @@ class DevRegistry:
         host = f"[{self._host}]" if ":" in self._host else self._host
         return f"http://{host}:{self.port}"
 
+    @property
+    def state(self) -> RegistryState:
+        """The in-memory state (only when no other ``service`` was given)."""
+        if not isinstance(self.service, RegistryState):
+            raise TypeError("this registry does not keep its records in memory")
+        return self.service
+
     def otk_count(self, did: str) -> int:
         return self.state.otk_count(did)
 
@@ -841,7 +1116,7 @@ class DevRegistry:
         connection = {t.strip().lower() for t in request.headers.get("connection", "").split(",")}
         keep_alive = request.version == "HTTP/1.1" and "close" not in connection
         try:
-            result = self.state.handle(request.method, request.target, request.headers, body)
+            result = await self.service.handle(request.method, request.target, request.headers, body)
         except Exception:  # a bug: answer 500 like a framework would, keep serving
             logger.exception("registry request %s %s failed", request.method, request.target)
             result = HttpResult(500, {"detail": "Internal Server Error"})

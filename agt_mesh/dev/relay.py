@@ -67,6 +67,9 @@ __all__ = [
     "CLOSE_UNSUPPORTED_DATA",
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_MAX_BYTES_PER_RECIPIENT",
+    "DEFAULT_MAX_BYTES_PER_SENDER",
+    "DEFAULT_MAX_FRAMES_PER_SENDER",
     "DEFAULT_MAX_QUEUE_PER_RECIPIENT",
     "DEFAULT_MAX_STORE_BYTES",
     "DEFAULT_STALE_AFTER",
@@ -75,9 +78,16 @@ __all__ = [
     "ROUTED_TYPES",
     "WS_PATH",
     "Accept",
+    "Ack",
     "DevRelay",
     "Disconnect",
+    "Heartbeat",
+    "OutKind",
+    "Outgoing",
     "Reject",
+    "RelayConn",
+    "RelayFrontEnd",
+    "RelayServer",
     "RelayState",
     "Reply",
     "Route",
@@ -129,6 +139,15 @@ DEFAULT_TTL = 72 * 3600.0
 DEFAULT_MAX_QUEUE_PER_RECIPIENT = 10_000
 #: Cap on the total size of all stored frames (256 MiB), for the same reason.
 DEFAULT_MAX_STORE_BYTES = 256 * 1024 * 1024
+#: Per-recipient cap on stored bytes: a quarter of the store, so that one recipient's
+#: backlog (or a flood aimed at it) cannot take the whole store from everyone else.
+DEFAULT_MAX_BYTES_PER_RECIPIENT = DEFAULT_MAX_STORE_BYTES // 4
+#: Per-sender cap on frames stored for others: one client (one DID) flooding offline
+#: recipients runs into its own quota long before the store is full.
+DEFAULT_MAX_FRAMES_PER_SENDER = 10_000
+#: Per-sender cap on stored bytes, a quarter of the store for the same reason (a single
+#: client needs four DIDs — four proofs of possession — to fill the store).
+DEFAULT_MAX_BYTES_PER_SENDER = DEFAULT_MAX_STORE_BYTES // 4
 #: Live frames waiting to be written to one slow connection before further frames for
 #: it are stored instead (so one stalled reader cannot make the relay buffer unboundedly).
 DEFAULT_MAX_OUTBOX = 1024
@@ -175,6 +194,20 @@ class Route:
     frame_id: str
     frame_type: str
     text: str
+    #: The authenticated DID of the connection that sent the frame.
+    sender: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The recipient acknowledged the stored frame ``frame_id`` (it may be deleted)."""
+
+    frame_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """A ``heartbeat`` frame: the connection is fresh for live delivery again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,16 +230,20 @@ class StoredFrame:
     text: str
     stored_at: float
     expires_at: float
+    #: The authenticated DID that sent it ("" when unknown); counts against its quota.
+    sender: str = ""
 
 
 class StoreResult(Enum):
     STORED = "stored"
     #: A frame with the same id is already queued for this recipient.
     DUPLICATE = "duplicate"
-    #: The recipient's queue is at ``max_queue_per_recipient``.
+    #: The recipient's queue is at ``max_queue_per_recipient`` or ``max_bytes_per_recipient``.
     QUEUE_FULL = "queue_full"
     #: All stored frames together are at ``max_store_bytes``.
     STORE_FULL = "store_full"
+    #: The sender has ``max_frames_per_sender`` frames or ``max_bytes_per_sender`` bytes stored.
+    SENDER_FULL = "sender_full"
 
 
 @dataclass(slots=True)
@@ -221,8 +258,8 @@ class _Stats:
     messages_routed: int = 0
     messages_stored: int = 0
     messages_delivered: int = 0
-    # Not in the AGT health document; kept for tests and logs.
-    dropped_spoofed: int = 0
+    # Not in the AGT health document; kept for tests and logs (``dropped_spoofed`` is
+    # counted by the front end).
     dropped_full: int = 0
 
 
@@ -230,13 +267,13 @@ def _utcnow() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC)
 
 
-class RelayState(Generic[H]):
-    """Relay logic without I/O: connect checks, sessions, routing, inbox, statistics.
+class RelayFrontEnd:
+    """The relay's wire contract without I/O or storage: connect checks and frame decisions.
 
-    ``H`` is whatever the I/O shell uses to reach a connection; the state only stores it
-    and hands it back.  Time comes from two injectable clocks: ``clock`` (monotonic
-    seconds, for TTL and staleness) and ``now`` (aware UTC ``datetime``, for the connect
-    proof's replay window).
+    Shared by the development relay (:class:`RelayState`, everything in memory) and the
+    cluster relay (``agt_mesh.cluster``, storage in NATS JetStream), so both judge
+    connect frames and classify the frames that follow exactly the same way.
+    ``now`` is an injectable clock (aware UTC ``datetime``) for the proof's replay window.
     """
 
     def __init__(
@@ -244,31 +281,17 @@ class RelayState(Generic[H]):
         *,
         require_pop: bool = True,
         token: str | None = None,
-        stale_after: float = DEFAULT_STALE_AFTER,
-        ttl: float = DEFAULT_TTL,
-        max_queue_per_recipient: int = DEFAULT_MAX_QUEUE_PER_RECIPIENT,
-        max_store_bytes: int = DEFAULT_MAX_STORE_BYTES,
         pop_window: float = POP_WINDOW,
-        clock: Callable[[], float] = time.monotonic,
         now: Callable[[], _dt.datetime] = _utcnow,
     ) -> None:
-        if stale_after <= 0 or ttl <= 0 or pop_window <= 0:
-            raise ValueError("stale_after, ttl and pop_window must be positive")
-        if max_queue_per_recipient < 1 or max_store_bytes < 1:
-            raise ValueError("max_queue_per_recipient and max_store_bytes must be positive")
+        if pop_window <= 0:
+            raise ValueError("pop_window must be positive")
         self.require_pop = require_pop
         self._token = token.encode() if token is not None else None
-        self.stale_after = stale_after
-        self.ttl = ttl
-        self.max_queue_per_recipient = max_queue_per_recipient
-        self.max_store_bytes = max_store_bytes
         self.pop_window = pop_window
-        self._clock = clock
         self._now = now
-        self._sessions: dict[str, _Session[H]] = {}
-        self._inbox: dict[str, OrderedDict[str, StoredFrame]] = {}
-        self._stored_bytes = 0
-        self._stats = _Stats()
+        #: Frames dropped because their ``from`` was not the sender's DID.
+        self.dropped_spoofed = 0
 
     # -- connect ---------------------------------------------------------------------
 
@@ -328,6 +351,116 @@ class RelayState(Generic[H]):
             return "invalid signature"
         return None
 
+    # -- frames after connect --------------------------------------------------------
+
+    def classify(
+        self, did: str, frame: dict[str, Any], text: str
+    ) -> Route | Ack | Heartbeat | Reply | Disconnect | None:
+        """Decide what a frame from ``did``'s connection asks for; ``None``: nothing."""
+        ftype = frame.get("type")
+        if ftype in ROUTED_TYPES:
+            assert isinstance(ftype, str)
+            return self._route(did, ftype, frame, text)
+        if ftype == "ack":
+            frame_id = frame.get("id")
+            return Ack(frame_id) if isinstance(frame_id, str) else None
+        if ftype == "heartbeat":
+            return Heartbeat()
+        if ftype == "disconnect":
+            return Disconnect()
+        if ftype == "fetch_pending":
+            # Stored frames are pushed one by one at connect; the empty batch tells a
+            # client its connect was accepted.
+            return Reply({"type": "pending_messages", "messages": []})
+        if isinstance(ftype, str):
+            shown = ftype[:_MAX_TYPE_ECHO]
+        elif ftype is None or isinstance(ftype, int | float):
+            shown = str(ftype)  # AGT echoes Python's str(): "Unknown frame type: None"
+        else:
+            shown = type(ftype).__name__
+        return Reply({"type": "error", "detail": f"Unknown frame type: {shown}"})
+
+    def _route(self, did: str, ftype: str, frame: dict[str, Any], text: str) -> Route | None:
+        to, frame_id = frame.get("to"), frame.get("id")
+        if not (isinstance(to, str) and to and len(to) <= _MAX_DID_LEN):
+            return None
+        if not (isinstance(frame_id, str) and frame_id and len(frame_id) <= _MAX_ID_LEN):
+            return None
+        sender = frame.get("from")
+        if sender is None:
+            # Stamp the authenticated DID (AGT HEAD does this with POP on; doing it
+            # without POP too is harmless: the DID is the one the socket connected as).
+            stamped: dict[str, Any] = {}
+            for key, value in frame.items():
+                stamped[key] = value
+                if key == "type":
+                    stamped["from"] = did
+            stamped.setdefault("from", did)
+            text = compact_json(stamped)
+        elif self.require_pop and sender != did:
+            self.dropped_spoofed += 1
+            logger.warning("dropping %s %s: from %r is not the sender %s", ftype, frame_id, sender, did)
+            return None
+        return Route(to, frame_id, ftype, text, did)
+
+
+class RelayState(RelayFrontEnd, Generic[H]):
+    """The development relay's logic without I/O: the front end plus sessions, the
+    in-memory store-and-forward inbox with its quotas, liveness and statistics.
+
+    ``H`` is whatever the I/O shell uses to reach a connection; the state only stores it
+    and hands it back.  Time comes from two injectable clocks: ``clock`` (monotonic
+    seconds, for TTL and staleness) and ``now`` (aware UTC ``datetime``, for the connect
+    proof's replay window).
+
+    The per-DID quotas (frames and bytes per recipient and per sender) exist so that one
+    client cannot exhaust a development machine; this relay is not for production.
+    """
+
+    def __init__(
+        self,
+        *,
+        require_pop: bool = True,
+        token: str | None = None,
+        stale_after: float = DEFAULT_STALE_AFTER,
+        ttl: float = DEFAULT_TTL,
+        max_queue_per_recipient: int = DEFAULT_MAX_QUEUE_PER_RECIPIENT,
+        max_bytes_per_recipient: int = DEFAULT_MAX_BYTES_PER_RECIPIENT,
+        max_frames_per_sender: int = DEFAULT_MAX_FRAMES_PER_SENDER,
+        max_bytes_per_sender: int = DEFAULT_MAX_BYTES_PER_SENDER,
+        max_store_bytes: int = DEFAULT_MAX_STORE_BYTES,
+        pop_window: float = POP_WINDOW,
+        clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], _dt.datetime] = _utcnow,
+    ) -> None:
+        super().__init__(require_pop=require_pop, token=token, pop_window=pop_window, now=now)
+        if stale_after <= 0 or ttl <= 0:
+            raise ValueError("stale_after and ttl must be positive")
+        limits = (
+            max_queue_per_recipient,
+            max_bytes_per_recipient,
+            max_frames_per_sender,
+            max_bytes_per_sender,
+            max_store_bytes,
+        )
+        if min(limits) < 1:
+            raise ValueError("the store quotas must be positive")
+        self.stale_after = stale_after
+        self.ttl = ttl
+        self.max_queue_per_recipient = max_queue_per_recipient
+        self.max_bytes_per_recipient = max_bytes_per_recipient
+        self.max_frames_per_sender = max_frames_per_sender
+        self.max_bytes_per_sender = max_bytes_per_sender
+        self.max_store_bytes = max_store_bytes
+        self._clock = clock
+        self._sessions: dict[str, _Session[H]] = {}
+        self._inbox: dict[str, OrderedDict[str, StoredFrame]] = {}
+        self._recipient_bytes: dict[str, int] = {}
+        #: sender DID -> [stored frames, stored bytes]
+        self._sender_use: dict[str, list[int]] = {}
+        self._stored_bytes = 0
+        self._stats = _Stats()
+
     # -- sessions --------------------------------------------------------------------
 
     def attach(self, did: str, handle: H, *, pop_verified: bool = False) -> H | None:
@@ -376,59 +509,24 @@ class RelayState(Generic[H]):
         ``ack`` and ``heartbeat`` are applied here; the other outcomes are returned for
         the shell to carry out.  ``None`` means nothing further to do.
         """
-        ftype = frame.get("type")
-        if ftype in ROUTED_TYPES:
-            assert isinstance(ftype, str)
-            return self._route(did, ftype, frame, text)
-        if ftype == "ack":
-            frame_id = frame.get("id")
-            if isinstance(frame_id, str):
-                self.ack(did, frame_id)
+        action = self.classify(did, frame, text)
+        if isinstance(action, Ack):
+            self.ack(did, action.frame_id)
             return None
-        if ftype == "heartbeat":
+        if isinstance(action, Heartbeat):
             self.heartbeat(did, handle)
             return None
-        if ftype == "disconnect":
-            return Disconnect()
-        if ftype == "fetch_pending":
-            # Stored frames were already pushed one by one at connect; the empty batch
-            # tells a client its connect was accepted.
-            return Reply({"type": "pending_messages", "messages": []})
-        if isinstance(ftype, str):
-            shown = ftype[:_MAX_TYPE_ECHO]
-        elif ftype is None or isinstance(ftype, int | float):
-            shown = str(ftype)  # AGT echoes Python's str(): "Unknown frame type: None"
-        else:
-            shown = type(ftype).__name__
-        return Reply({"type": "error", "detail": f"Unknown frame type: {shown}"})
-
-    def _route(self, did: str, ftype: str, frame: dict[str, Any], text: str) -> Route | None:
-        to, frame_id = frame.get("to"), frame.get("id")
-        if not (isinstance(to, str) and to and len(to) <= _MAX_DID_LEN):
-            return None
-        if not (isinstance(frame_id, str) and frame_id and len(frame_id) <= _MAX_ID_LEN):
-            return None
-        sender = frame.get("from")
-        if sender is None:
-            # Stamp the authenticated DID (AGT HEAD does this with POP on; doing it
-            # without POP too is harmless: the DID is the one the socket connected as).
-            stamped: dict[str, Any] = {}
-            for key, value in frame.items():
-                stamped[key] = value
-                if key == "type":
-                    stamped["from"] = did
-            stamped.setdefault("from", did)
-            text = compact_json(stamped)
-        elif self.require_pop and sender != did:
-            self._stats.dropped_spoofed += 1
-            logger.warning("dropping %s %s: from %r is not the sender %s", ftype, frame_id, sender, did)
-            return None
-        return Route(to, frame_id, ftype, text)
+        return action
 
     # -- inbox -----------------------------------------------------------------------
 
-    def store(self, recipient: str, frame_id: str, text: str) -> StoreResult:
-        """Queue a frame for ``recipient`` (FIFO; a repeated ``frame_id`` is dropped)."""
+    def store(self, recipient: str, frame_id: str, text: str, sender: str = "") -> StoreResult:
+        """Queue a frame for ``recipient`` (FIFO; a repeated ``frame_id`` is dropped).
+
+        ``sender`` is the authenticated DID of the connection the frame came from; its
+        stored frames count against the per-sender quotas.  When a quota is reached new
+        frames are refused and older ones kept (the KNOCK that opens a session stays).
+        """
         queue = self._inbox.get(recipient)
         if queue is None:
             queue = self._inbox[recipient] = OrderedDict()
@@ -437,21 +535,40 @@ class RelayState(Generic[H]):
         if frame_id in queue:
             return StoreResult.DUPLICATE
         size = len(text)
-        if len(queue) >= self.max_queue_per_recipient:
+        use = self._sender_use.get(sender, [0, 0])
+        verdict = StoreResult.STORED
+        recipient_bytes = self._recipient_bytes.get(recipient, 0) + size
+        if len(queue) >= self.max_queue_per_recipient or recipient_bytes > self.max_bytes_per_recipient:
+            verdict = StoreResult.QUEUE_FULL
+        elif use[0] >= self.max_frames_per_sender or use[1] + size > self.max_bytes_per_sender:
+            verdict = StoreResult.SENDER_FULL
+        elif self._stored_bytes + size > self.max_store_bytes:
+            verdict = StoreResult.STORE_FULL
+        if verdict is not StoreResult.STORED:
+            if not queue:
+                del self._inbox[recipient]
             self._stats.dropped_full += 1
-            logger.warning("inbox of %s is full (%d frames); dropping %s", recipient, len(queue), frame_id)
-            return StoreResult.QUEUE_FULL
-        if self._stored_bytes + size > self.max_store_bytes:
-            self._stats.dropped_full += 1
-            logger.warning(
-                "relay store is full (%d bytes); dropping %s for %s", self._stored_bytes, frame_id, recipient
-            )
-            return StoreResult.STORE_FULL
+            logger.warning("not storing %s from %s for %s: %s", frame_id, sender, recipient, verdict.value)
+            return verdict
         now = self._clock()
-        queue[frame_id] = StoredFrame(frame_id, text, now, now + self.ttl)
-        self._stored_bytes += size
+        queue[frame_id] = StoredFrame(frame_id, text, now, now + self.ttl, sender)
+        self._account(recipient, sender, 1, size)
         self._stats.messages_stored += 1
         return StoreResult.STORED
+
+    def _account(self, recipient: str, sender: str, frames: int, size: int) -> None:
+        """Add (or, negative, remove) stored frames to the totals and the per-DID quotas."""
+        self._stored_bytes += size
+        left = self._recipient_bytes.get(recipient, 0) + size
+        if left > 0:
+            self._recipient_bytes[recipient] = left
+        else:
+            self._recipient_bytes.pop(recipient, None)
+        use = self._sender_use.setdefault(sender, [0, 0])
+        use[0] += frames
+        use[1] += size
+        if use[0] <= 0:
+            del self._sender_use[sender]
 
     def pending(self, did: str) -> list[StoredFrame]:
         """The unexpired frames stored for ``did``, oldest first (they stay stored)."""
@@ -469,7 +586,7 @@ class RelayState(Generic[H]):
         stored = queue.pop(frame_id, None)
         if stored is None:
             return False
-        self._stored_bytes -= len(stored.text)
+        self._account(did, stored.sender, -1, -len(stored.text))
         if not queue:
             del self._inbox[did]
         return True
@@ -477,6 +594,11 @@ class RelayState(Generic[H]):
     def stored_count(self, did: str) -> int:
         """How many unexpired frames are stored for ``did``."""
         return len(self.pending(did))
+
+    def sender_usage(self, did: str) -> tuple[int, int]:
+        """``(frames, bytes)`` that ``did`` has stored for others (its quota use)."""
+        use = self._sender_use.get(did, [0, 0])
+        return use[0], use[1]
 
     @property
     def stored_bytes(self) -> int:
@@ -489,7 +611,7 @@ class RelayState(Generic[H]):
             if first.expires_at > now:
                 break
             queue.popitem(last=False)
-            self._stored_bytes -= len(first.text)
+            self._account(did, first.sender, -1, -len(first.text))
         if not queue:
             self._inbox.pop(did, None)
 
@@ -511,7 +633,7 @@ class RelayState(Generic[H]):
             "messages_routed": s.messages_routed,
             "messages_stored": s.messages_stored,
             "messages_delivered": s.messages_delivered,
-            "dropped_spoofed": s.dropped_spoofed,
+            "dropped_spoofed": self.dropped_spoofed,
             "dropped_full": s.dropped_full,
         }
 
@@ -541,45 +663,337 @@ class RelayState(Generic[H]):
 # --------------------------------------------------------------------------------------
 
 
-class _Kind(Enum):
+class OutKind(Enum):
     LIVE = "live"  # routed frame; re-routed (usually stored) if it cannot be written
     PENDING = "pending"  # a stored frame being pushed; it stays stored until acked
     CONTROL = "control"  # relay reply (error, pending_messages); dropped if unsendable
 
 
 @dataclass(slots=True)
-class _Out:
-    kind: _Kind
+class Outgoing:
+    """One frame queued for a connection."""
+
+    kind: OutKind
     text: str
     frame_id: str = ""
+    #: Where the frame is stored, for storage backends that need it (JetStream sequence).
+    ref: int = 0
+    #: The routed frame type (``message``, ``knock``, ...); "" for replies.
+    frame_type: str = ""
 
 
-@dataclass(eq=False, slots=True)
-class _Conn:
+@dataclass(eq=False)
+class RelayConn:
     """One authenticated connection and its outbound queue (written by one task)."""
 
     ws: ServerConnection
     did: str
-    outbox: deque[_Out] = field(default_factory=deque)
-    inflight: list[_Out] = field(default_factory=list)
+    pop_verified: bool = False
+    outbox: deque[Outgoing] = field(default_factory=deque)
+    inflight: list[Outgoing] = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     writer: asyncio.Task[None] | None = None
     closed: bool = False
 
-    def push(self, item: _Out) -> None:
+    def push(self, item: Outgoing) -> None:
         self.outbox.append(item)
         self.wake.set()
 
     def leading_live(self, limit: int) -> int:
         n = 0
         for item in self.outbox:
-            if item.kind is not _Kind.LIVE or n >= limit:
+            if item.kind is not OutKind.LIVE or n >= limit:
                 break
             n += 1
         return n
 
 
-class DevRelay:
+C = TypeVar("C", bound=RelayConn)
+
+
+class RelayServer(Generic[C]):
+    """The asyncio WebSocket shell every relay of this package shares.
+
+    It owns the socket side of the wire contract: the ``/ws`` endpoint and ``GET
+    /health``, the connect timeout, frame decoding and the close codes for garbage, the
+    connect checks of a :class:`RelayFrontEnd`, the 4004 idle rule, and one writer task
+    per connection.  Subclasses decide where frames go (:meth:`_route`), what an ``ack``
+    or ``heartbeat`` does, what happens when a session starts or ends, and what
+    ``/health`` reports.
+    """
+
+    front: RelayFrontEnd
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        connect_timeout: float,
+        idle_timeout: float,
+        max_frame_bytes: int,
+        ping_interval: float | None,
+        ping_timeout: float | None,
+        reorder_window: int = 0,
+        reorder_hold: float = 0.05,
+    ) -> None:
+        if connect_timeout <= 0 or idle_timeout <= 0:
+            raise ValueError("connect_timeout and idle_timeout must be positive")
+        if max_frame_bytes < 1:
+            raise ValueError("max_frame_bytes must be positive")
+        if reorder_window < 0 or reorder_hold < 0:
+            raise ValueError("reorder_window and reorder_hold must be >= 0")
+        self._host = host
+        self._requested_port = port
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.max_frame_bytes = max_frame_bytes
+        self.reorder_window = reorder_window
+        self.reorder_hold = reorder_hold
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._server: Server | None = None
+        self._port: int | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- what subclasses provide -----------------------------------------------------
+
+    def _new_conn(self, ws: ServerConnection, verdict: Accept) -> C:
+        raise NotImplementedError
+
+    async def _attach(self, conn: C) -> None:
+        """The connection authenticated: register it and queue its stored frames."""
+        raise NotImplementedError
+
+    async def _route(self, conn: C, route: Route) -> None:
+        raise NotImplementedError
+
+    async def _ack(self, conn: C, frame_id: str) -> None:
+        raise NotImplementedError
+
+    def _heartbeat(self, conn: C) -> None:
+        raise NotImplementedError
+
+    def _written(self, conn: C, item: Outgoing) -> None:
+        """``item`` was written to ``conn``'s socket."""
+
+    async def _detach(self, conn: C, unsent: list[Outgoing]) -> None:
+        """The connection is gone; ``unsent`` are the frames it did not (surely) write."""
+        raise NotImplementedError
+
+    def health(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> str:
+        """Start listening; return the relay's base URL (``http://host:port``)."""
+        if self._server is not None:
+            return self.url
+        self._server = await serve(
+            self._handler,
+            self._host,
+            self._requested_port,
+            process_request=self._process_request,
+            max_size=self.max_frame_bytes,
+            ping_interval=self._ping_interval,
+            ping_timeout=self._ping_timeout,
+        )
+        # ``sockets`` is typed Iterable in websockets 13 and a tuple later: iterate it.
+        first = next(iter(self._server.sockets))
+        self._port = int(first.getsockname()[1])
+        logger.info("relay listening on %s (ws: %s)", self.url, self.ws_url)
+        return self.url
+
+    async def stop(self) -> None:
+        """Close every connection (1001 going away) and stop listening."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        for task in list(self._tasks):
+            task.cancel()
+        server.close()
+        await server.wait_closed()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # -- introspection ---------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the relay is not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` — what TypeScript clients take as ``relayUrl``."""
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        """``ws://host:port/ws``."""
+        return "ws" + self.url[len("http") :] + WS_PATH
+
+    # -- HTTP ------------------------------------------------------------------------
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        if path == WS_PATH:
+            return None
+        if path == "/health":
+            return _json_response(connection, HTTPStatus.OK, self.health())
+        return _json_response(connection, HTTPStatus.NOT_FOUND, {"detail": "Not Found"})
+
+    # -- WebSocket -------------------------------------------------------------------
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                raw = await ws.recv()
+        except TimeoutError:
+            await ws.close(CLOSE_NOT_CONNECT, "connect timeout")
+            return
+        except ConnectionClosed:
+            return
+        frame = await self._decode(ws, raw, None)
+        if frame is None:
+            return
+        verdict = self.front.check_connect(frame)
+        if isinstance(verdict, Reject):
+            logger.info("refusing connect (%d): %s", verdict.code, verdict.detail)
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(compact_json({"type": "error", "detail": verdict.detail}))
+            await ws.close(verdict.code)
+            return
+        conn = self._new_conn(ws, verdict)
+        conn.writer = asyncio.create_task(self._writer(conn))
+        try:
+            await self._attach(conn)
+            logger.info("agent connected: %s", verdict.did)
+            await self._read_loop(conn)
+        except ConnectionClosed:
+            pass
+        finally:
+            await self._teardown(conn)
+
+    async def _read_loop(self, conn: C) -> None:
+        ws = conn.ws
+        while True:
+            try:
+                async with asyncio.timeout(self.idle_timeout):
+                    raw = await ws.recv()
+            except TimeoutError:
+                logger.info("idle timeout for %s; closing", conn.did)
+                await ws.close(CLOSE_IDLE, "idle timeout")
+                return
+            frame = await self._decode(ws, raw, conn.did)
+            if frame is None:
+                return
+            assert isinstance(raw, str)  # _decode closed the connection on binary frames
+            action = self.front.classify(conn.did, frame, raw)
+            if isinstance(action, Route):
+                await self._route(conn, action)
+            elif isinstance(action, Ack):
+                await self._ack(conn, action.frame_id)
+            elif isinstance(action, Heartbeat):
+                self._heartbeat(conn)
+            elif isinstance(action, Reply):
+                conn.push(Outgoing(OutKind.CONTROL, compact_json(action.frame)))
+            elif isinstance(action, Disconnect):
+                await self._teardown(conn)
+                await ws.close(CLOSE_NORMAL)
+                return
+
+    async def _decode(self, ws: ServerConnection, raw: str | bytes, did: str | None) -> dict[str, Any] | None:
+        """Parse a frame; on garbage close the connection and return ``None``.
+
+        AGT drops the TCP connection on invalid JSON (the client sees 1006); closing
+        with 1003 (binary frame) or 1007 (not a JSON object) tells the client why.
+        """
+        if isinstance(raw, bytes):
+            logger.info("binary frame from %s; closing", did or "unauthenticated peer")
+            await ws.close(CLOSE_UNSUPPORTED_DATA, "frames must be JSON text")
+            return None
+        try:
+            obj = decode_frame(raw, max_bytes=self.max_frame_bytes)
+        except MeshProtocolError as exc:
+            logger.info("invalid frame from %s: %s; closing", did or "unauthenticated peer", exc)
+            await ws.close(CLOSE_INVALID_JSON, "frame is not a JSON object")
+            return None
+        assert isinstance(obj, dict)
+        return obj
+
+    async def _writer(self, conn: C) -> None:
+        """Write ``conn``'s outbox in order (or reversed batches with ``reorder_window``)."""
+        while True:
+            if not conn.outbox:
+                conn.wake.clear()
+                await conn.wake.wait()
+                continue
+            if self.reorder_window > 1 and conn.outbox[0].kind is OutKind.LIVE:
+                await self._hold_batch(conn)
+                n = conn.leading_live(self.reorder_window)
+                batch = [conn.outbox.popleft() for _ in range(n)]
+                batch.reverse()
+            else:
+                batch = [conn.outbox.popleft()]
+            conn.inflight = batch
+            while conn.inflight:
+                item = conn.inflight[0]
+                try:
+                    await conn.ws.send(item.text)
+                except ConnectionClosed:
+                    # The read loop sees the close too; _teardown hands back what is left.
+                    return
+                conn.inflight.pop(0)
+                self._written(conn, item)
+
+    async def _hold_batch(self, conn: C) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.reorder_hold
+        while conn.leading_live(self.reorder_window) < self.reorder_window:
+            if conn.leading_live(self.reorder_window) < len(conn.outbox):
+                return  # a non-live frame is queued behind the batch
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            conn.wake.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await conn.wake.wait()
+            except TimeoutError:
+                return
+
+    async def _teardown(self, conn: C) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        if conn.writer is not None:
+            conn.writer.cancel()
+            try:
+                await conn.writer
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # a writer bug must not lose the frames still queued
+                logger.exception("writer for %s failed", conn.did)
+        # Frames that were not (known to be) written go back to the subclass: an
+        # interrupted write may mean a duplicate, never a loss.
+        unsent = [*conn.inflight, *conn.outbox]
+        conn.inflight.clear()
+        conn.outbox.clear()
+        await self._detach(conn, unsent)
+        logger.info("agent disconnected: %s", conn.did)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+class DevRelay(RelayServer[RelayConn]):
     """The development relay server: ``async with DevRelay() as relay: ...``.
 
     Args:
@@ -596,6 +1010,9 @@ class DevRelay:
             peer stops and its frames are stored (AGT: 90).
         ttl: lifetime of a stored frame in seconds (AGT: 72 h).
         max_queue_per_recipient: stored frames per recipient (AGT: unlimited).
+        max_bytes_per_recipient: stored bytes per recipient (AGT: unlimited).
+        max_frames_per_sender: frames one sender may have stored for others.
+        max_bytes_per_sender: bytes one sender may have stored for others.
         max_store_bytes: total bytes of stored frames (AGT: unlimited).
         max_frame_bytes: largest inbound frame; bigger ones close the sender with 1009
             (AGT/uvicorn: 16 MiB).
@@ -628,6 +1045,9 @@ class DevRelay:
         stale_after: float = DEFAULT_STALE_AFTER,
         ttl: float = DEFAULT_TTL,
         max_queue_per_recipient: int = DEFAULT_MAX_QUEUE_PER_RECIPIENT,
+        max_bytes_per_recipient: int = DEFAULT_MAX_BYTES_PER_RECIPIENT,
+        max_frames_per_sender: int = DEFAULT_MAX_FRAMES_PER_SENDER,
+        max_bytes_per_sender: int = DEFAULT_MAX_BYTES_PER_SENDER,
         max_store_bytes: int = DEFAULT_MAX_STORE_BYTES,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         max_outbox: int = DEFAULT_MAX_OUTBOX,
@@ -638,69 +1058,36 @@ class DevRelay:
         ping_timeout: float | None = 20.0,
         hold_until_ack: bool = True,
     ) -> None:
-        if connect_timeout <= 0 or idle_timeout <= 0:
-            raise ValueError("connect_timeout and idle_timeout must be positive")
-        if max_frame_bytes < 1 or max_outbox < 1:
-            raise ValueError("max_frame_bytes and max_outbox must be positive")
-        if knock_delay < 0 or reorder_window < 0 or reorder_hold < 0:
-            raise ValueError("knock_delay, reorder_window and reorder_hold must be >= 0")
-        self.state: RelayState[_Conn] = RelayState(
+        super().__init__(
+            host,
+            port,
+            connect_timeout=connect_timeout,
+            idle_timeout=idle_timeout,
+            max_frame_bytes=max_frame_bytes,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            reorder_window=reorder_window,
+            reorder_hold=reorder_hold,
+        )
+        if max_outbox < 1:
+            raise ValueError("max_outbox must be positive")
+        if knock_delay < 0:
+            raise ValueError("knock_delay must be >= 0")
+        self.state: RelayState[RelayConn] = RelayState(
             require_pop=require_pop,
             token=token,
             stale_after=stale_after,
             ttl=ttl,
             max_queue_per_recipient=max_queue_per_recipient,
+            max_bytes_per_recipient=max_bytes_per_recipient,
+            max_frames_per_sender=max_frames_per_sender,
+            max_bytes_per_sender=max_bytes_per_sender,
             max_store_bytes=max_store_bytes,
         )
-        self._host = host
-        self._requested_port = port
-        self.connect_timeout = connect_timeout
-        self.idle_timeout = idle_timeout
-        self.max_frame_bytes = max_frame_bytes
+        self.front = self.state
         self.max_outbox = max_outbox
         self.knock_delay = knock_delay
         self.hold_until_ack = hold_until_ack
-        self.reorder_window = reorder_window
-        self.reorder_hold = reorder_hold
-        self._ping_interval = ping_interval
-        self._ping_timeout = ping_timeout
-        self._server: Server | None = None
-        self._port: int | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    # -- lifecycle -------------------------------------------------------------------
-
-    async def start(self) -> str:
-        """Start listening; return the relay's base URL (``http://host:port``)."""
-        if self._server is not None:
-            return self.url
-        self._server = await serve(
-            self._handler,
-            self._host,
-            self._requested_port,
-            process_request=self._process_request,
-            max_size=self.max_frame_bytes,
-            ping_interval=self._ping_interval,
-            ping_timeout=self._ping_timeout,
-        )
-        # ``sockets`` is typed Iterable in websockets 13 and a tuple later: iterate it.
-        first = next(iter(self._server.sockets))
-        self._port = int(first.getsockname()[1])
-        logger.info("development relay listening on %s (ws: %s)", self.url, self.ws_url)
-        return self.url
-
-    async def stop(self) -> None:
-        """Close every connection (1001 going away) and stop listening."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        for task in list(self._tasks):
-            task.cancel()
-        server.close()
-        await server.wait_closed()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
 
     async def __aenter__(self) -> DevRelay:
         await self.start()
@@ -717,23 +1104,6 @@ class DevRelay:
     # -- introspection ---------------------------------------------------------------
 
     @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("the relay is not started")
-        return self._port
-
-    @property
-    def url(self) -> str:
-        """``http://host:port`` — what TypeScript clients take as ``relayUrl``."""
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"http://{host}:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        """``ws://host:port/ws``."""
-        return "ws" + self.url[len("http") :] + WS_PATH
-
-    @property
     def connected_dids(self) -> frozenset[str]:
         return self.state.connected_dids
 
@@ -744,192 +1114,68 @@ class DevRelay:
     def stats(self) -> dict[str, int]:
         return self.state.stats
 
-    # -- HTTP ------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        return self.state.health()
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = urlsplit(request.path).path
-        if path == WS_PATH:
-            return None
-        if path == "/health":
-            return _json_response(connection, HTTPStatus.OK, self.state.health())
-        return _json_response(connection, HTTPStatus.NOT_FOUND, {"detail": "Not Found"})
+    # -- the in-memory store ---------------------------------------------------------
 
-    # -- WebSocket -------------------------------------------------------------------
+    def _new_conn(self, ws: ServerConnection, verdict: Accept) -> RelayConn:
+        return RelayConn(ws, verdict.did, verdict.pop_verified)
 
-    async def _handler(self, ws: ServerConnection) -> None:
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                raw = await ws.recv()
-        except TimeoutError:
-            await ws.close(CLOSE_NOT_CONNECT, "connect timeout")
-            return
-        except ConnectionClosed:
-            return
-        frame = await self._decode(ws, raw, None)
-        if frame is None:
-            return
-        verdict = self.state.check_connect(frame)
-        if isinstance(verdict, Reject):
-            logger.info("refusing connect (%d): %s", verdict.code, verdict.detail)
-            with contextlib.suppress(ConnectionClosed):
-                await ws.send(compact_json({"type": "error", "detail": verdict.detail}))
-            await ws.close(verdict.code)
-            return
-
-        conn = _Conn(ws, verdict.did)
-        replaced = self.state.attach(verdict.did, conn, pop_verified=verdict.pop_verified)
+    async def _attach(self, conn: RelayConn) -> None:
+        replaced = self.state.attach(conn.did, conn, pop_verified=conn.pop_verified)
         if replaced is not None:
-            logger.info("session for %s replaced; closing the old one", verdict.did)
+            logger.info("session for %s replaced; closing the old one", conn.did)
             self._spawn(replaced.ws.close(CLOSE_SESSION_REPLACED, "session_replaced"))
         # Stored frames first; live frames routed from now on queue up behind them.
-        for stored in self.state.pending(verdict.did):
-            conn.push(_Out(_Kind.PENDING, stored.text, stored.id))
-        conn.writer = asyncio.create_task(self._writer(conn))
-        logger.info("agent connected: %s", verdict.did)
-        try:
-            await self._read_loop(conn)
-        except ConnectionClosed:
-            pass
-        finally:
-            await self._teardown(conn)
+        for stored in self.state.pending(conn.did):
+            conn.push(Outgoing(OutKind.PENDING, stored.text, stored.id))
 
-    async def _read_loop(self, conn: _Conn) -> None:
-        ws = conn.ws
-        while True:
-            try:
-                async with asyncio.timeout(self.idle_timeout):
-                    raw = await ws.recv()
-            except TimeoutError:
-                logger.info("idle timeout for %s; closing", conn.did)
-                await ws.close(CLOSE_IDLE, "idle timeout")
-                return
-            frame = await self._decode(ws, raw, conn.did)
-            if frame is None:
-                return
-            assert isinstance(raw, str)  # _decode closed the connection on binary frames
-            action = self.state.handle_frame(conn.did, conn, frame, raw)
-            if isinstance(action, Route):
-                if action.frame_type == "knock" and self.knock_delay > 0:
-                    self._spawn(self._route_later(action, self.knock_delay))
-                else:
-                    self._deliver(action.recipient, action.frame_id, action.text, hold=action.frame_type == "message")
-            elif isinstance(action, Reply):
-                conn.push(_Out(_Kind.CONTROL, compact_json(action.frame)))
-            elif isinstance(action, Disconnect):
-                self.state.detach(conn.did, conn)
-                await ws.close(CLOSE_NORMAL)
-                return
+    async def _route(self, conn: RelayConn, route: Route) -> None:
+        if route.frame_type == "knock" and self.knock_delay > 0:
+            self._spawn(self._route_later(route, self.knock_delay))
+        else:
+            self._deliver(route)
 
-    async def _decode(self, ws: ServerConnection, raw: str | bytes, did: str | None) -> dict[str, Any] | None:
-        """Parse a frame; on garbage close the connection and return ``None``.
+    async def _ack(self, conn: RelayConn, frame_id: str) -> None:
+        self.state.ack(conn.did, frame_id)
 
-        AGT drops the TCP connection on invalid JSON (the client sees 1006); closing
-        with 1003 (binary frame) or 1007 (not a JSON object) tells the client why.
-        """
-        if isinstance(raw, bytes):
-            logger.info("binary frame from %s; closing", did or "unauthenticated peer")
-            await ws.close(CLOSE_UNSUPPORTED_DATA, "frames must be JSON text")
-            return None
-        try:
-            obj = decode_frame(raw, max_bytes=self.max_frame_bytes)
-        except MeshProtocolError as exc:
-            logger.info("invalid frame from %s: %s; closing", did or "unauthenticated peer", exc)
-            await ws.close(CLOSE_INVALID_JSON, "frame is not a JSON object")
-            return None
-        assert isinstance(obj, dict)
-        return obj
+    def _heartbeat(self, conn: RelayConn) -> None:
+        self.state.heartbeat(conn.did, conn)
 
-    def _deliver(self, recipient: str, frame_id: str, text: str, *, hold: bool = False) -> None:
+    def _written(self, conn: RelayConn, item: Outgoing) -> None:
+        if item.kind is OutKind.LIVE:
+            self.state.note_routed()
+        elif item.kind is OutKind.PENDING:
+            self.state.note_delivered()
+
+    async def _detach(self, conn: RelayConn, unsent: list[Outgoing]) -> None:
+        self.state.detach(conn.did, conn)
+        # Live frames not (known to be) written go to the replacement session or into
+        # the store.
+        for item in unsent:
+            if item.kind is OutKind.LIVE:
+                self._deliver(Route(conn.did, item.frame_id, item.frame_type, item.text))
+
+    def _deliver(self, route: Route) -> None:
         """Queue a frame for live delivery, or store it if the recipient is not reachable.
 
-        ``hold``: a ``message`` frame, kept stored until acked when ``hold_until_ack`` is on
+        ``message`` frames are also kept stored until acked when ``hold_until_ack`` is on
         (KNOCK frames are not: TypeScript clients never acknowledge them, and replaying an
         old KNOCK to a restarted TypeScript peer would make it build a stale session).
         """
+        recipient, frame_id, text = route.recipient, route.frame_id, route.text
         conn = self.state.live(recipient)
         if conn is not None and not conn.closed and len(conn.outbox) < self.max_outbox:
-            if self.hold_until_ack and hold:
-                self.state.store(recipient, frame_id, text)
-            conn.push(_Out(_Kind.LIVE, text, frame_id))
+            if self.hold_until_ack and route.frame_type == "message":
+                self.state.store(recipient, frame_id, text, route.sender)
+            conn.push(Outgoing(OutKind.LIVE, text, frame_id, frame_type=route.frame_type))
             return
-        self.state.store(recipient, frame_id, text)
+        self.state.store(recipient, frame_id, text, route.sender)
 
     async def _route_later(self, route: Route, delay: float) -> None:
         await asyncio.sleep(delay)
-        self._deliver(route.recipient, route.frame_id, route.text, hold=route.frame_type == "message")
-
-    async def _writer(self, conn: _Conn) -> None:
-        """Write ``conn``'s outbox in order (or reversed batches with ``reorder_window``)."""
-        while True:
-            if not conn.outbox:
-                conn.wake.clear()
-                await conn.wake.wait()
-                continue
-            if self.reorder_window > 1 and conn.outbox[0].kind is _Kind.LIVE:
-                await self._hold_batch(conn)
-                n = conn.leading_live(self.reorder_window)
-                batch = [conn.outbox.popleft() for _ in range(n)]
-                batch.reverse()
-            else:
-                batch = [conn.outbox.popleft()]
-            conn.inflight = batch
-            while conn.inflight:
-                item = conn.inflight[0]
-                try:
-                    await conn.ws.send(item.text)
-                except ConnectionClosed:
-                    # The read loop sees the close too and re-routes what is left.
-                    self.state.detach(conn.did, conn)
-                    return
-                conn.inflight.pop(0)
-                if item.kind is _Kind.LIVE:
-                    self.state.note_routed()
-                elif item.kind is _Kind.PENDING:
-                    self.state.note_delivered()
-
-    async def _hold_batch(self, conn: _Conn) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.reorder_hold
-        while conn.leading_live(self.reorder_window) < self.reorder_window:
-            if conn.leading_live(self.reorder_window) < len(conn.outbox):
-                return  # a non-live frame is queued behind the batch
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
-            conn.wake.clear()
-            try:
-                async with asyncio.timeout(remaining):
-                    await conn.wake.wait()
-            except TimeoutError:
-                return
-
-    async def _teardown(self, conn: _Conn) -> None:
-        if conn.closed:
-            return
-        conn.closed = True
-        self.state.detach(conn.did, conn)
-        if conn.writer is not None:
-            conn.writer.cancel()
-            try:
-                await conn.writer
-            except asyncio.CancelledError:
-                pass
-            except Exception:  # a writer bug must not lose the frames still queued
-                logger.exception("writer for %s failed", conn.did)
-        # Live frames that were not (known to be) written go to the replacement session
-        # or into the store; an interrupted write may mean a duplicate, never a loss.
-        unsent = [*conn.inflight, *conn.outbox]
-        conn.inflight.clear()
-        conn.outbox.clear()
-        for item in unsent:
-            if item.kind is _Kind.LIVE:
-                self._deliver(conn.did, item.frame_id, item.text)
-        logger.info("agent disconnected: %s", conn.did)
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._deliver(route)
 
 
 def _json_response(connection: ServerConnection, status: HTTPStatus, body: Any) -> Response:

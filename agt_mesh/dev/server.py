@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import Any, TextIO
 
 from agt_mesh.dev.registry import DevRegistry
-from agt_mesh.dev.relay import DEFAULT_IDLE_TIMEOUT, DevRelay
+from agt_mesh.dev.relay import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_QUEUE_PER_RECIPIENT, DEFAULT_TTL, DevRelay
 
 __all__ = ["DEFAULT_REGISTRY_PORT", "DEFAULT_RELAY_PORT", "DevMesh", "main", "serve"]
 
@@ -122,7 +122,8 @@ async def serve(
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agt-mesh relay",
-        description="Run a development AgentMesh relay and registry (not for production).",
+        description="Run a development AgentMesh relay and registry (not for production), "
+        "or with --nats a replica of the cluster relay/registry on NATS JetStream.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default %(default)s)")
     parser.add_argument(
@@ -171,6 +172,54 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let the registry accept pre-POP registrations (platform 3.7.0 style)",
     )
+    cluster = parser.add_argument_group(
+        "cluster mode",
+        "with --nats, run stateless replicas that keep frames, sessions and records in NATS JetStream "
+        "(see the README section 'Cluster relay'); start as many as needed, each on its own ports",
+    )
+    cluster.add_argument(
+        "--nats",
+        metavar="URL[,URL...]",
+        default=None,
+        help="NATS servers (JetStream enabled), e.g. nats://127.0.0.1:4222,nats://127.0.0.1:4223",
+    )
+    cluster.add_argument(
+        "--serve",
+        choices=["both", "relay", "registry"],
+        default="both",
+        help="with --nats: which replica(s) this process runs (default %(default)s)",
+    )
+    cluster.add_argument(
+        "--replicas",
+        type=int,
+        default=3,
+        help="with --nats: JetStream replicas of the stream and buckets (default %(default)s)",
+    )
+    cluster.add_argument(
+        "--ttl",
+        type=float,
+        default=DEFAULT_TTL,
+        help="with --nats: seconds a stored frame is kept (default %(default)s, AGT's 72 h)",
+    )
+    cluster.add_argument(
+        "--max-queue-per-recipient",
+        type=int,
+        default=DEFAULT_MAX_QUEUE_PER_RECIPIENT,
+        help="with --nats: stored frames per recipient (default %(default)s)",
+    )
+    cluster.add_argument(
+        "--consumer-heartbeat",
+        type=float,
+        default=1.0,
+        help="with --nats: seconds between idle heartbeats of each connection's JetStream consumer; a NATS node "
+        "failure is noticed after two missed ones (default %(default)s; ~10 for 100,000 agents)",
+    )
+    cluster.add_argument(
+        "--max-store-bytes",
+        type=int,
+        default=-1,
+        help="with --nats: total stored bytes, -1 for no limit as on AGT (default %(default)s)",
+    )
     parser.add_argument(
         "--log-level",
         default="info",
@@ -186,6 +235,12 @@ async def _run(args: argparse.Namespace) -> None:
     if task is not None:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    if args.nats:
+        from agt_mesh.cluster.server import serve_cluster
+
+        with contextlib.suppress(asyncio.CancelledError):
+            await serve_cluster(args)
+        return
     with contextlib.suppress(asyncio.CancelledError):
         await serve(
             args.host,
@@ -214,6 +269,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.knock_delay < 0 or args.reorder_window < 0 or args.reorder_hold < 0:
         print("agt-mesh relay: --knock-delay, --reorder-window and --reorder-hold must be >= 0", file=sys.stderr)
         return 2
+    if args.nats is None and args.serve != "both":
+        print("agt-mesh relay: --serve needs --nats (the development servers always run both)", file=sys.stderr)
+        return 2
+    if args.nats is not None:
+        if args.knock_delay or args.reorder_window:
+            print("agt-mesh relay: the fault knobs are for the development relay, not --nats", file=sys.stderr)
+            return 2
+        if args.replicas < 1 or args.ttl <= 0 or args.max_queue_per_recipient < 1 or args.consumer_heartbeat <= 0:
+            print(
+                "agt-mesh relay: --replicas, --ttl, --max-queue-per-recipient and --consumer-heartbeat "
+                "must be positive",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            import nats  # noqa: F401
+        except ImportError:
+            print("agt-mesh relay: --nats needs the extra: pip install 'kars-agt-mesh[cluster]'", file=sys.stderr)
+            return 2
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         stream=sys.stderr,
