@@ -100,9 +100,9 @@ async def test_two_hermes_homes_exchange_messages_replies_and_files(
         envs: dict[str, dict[str, str]] = {}
         # b's auto-responder answers only allow-listed DIDs: give a its identity first
         (tmp_path / "a" / "hermes-home").mkdir(parents=True)
+        a_state = tmp_path / "a" / "hermes-home" / ".agt"
         made = subprocess.run(
-            [sys.executable, "-m", "agt_mesh", "identity", "new", "--json"]
-            + ["--state-dir", str(tmp_path / "a" / "hermes-home" / ".agt")],
+            [sys.executable, "-m", "agt_mesh", "identity", "new", "--json", "--state-dir", str(a_state)],
             capture_output=True,
             text=True,
             check=True,
@@ -212,9 +212,7 @@ async def test_hermes_mcp_client_lists_and_calls_agt_mesh_mcp(
 
 def test_bridge_hints_match_real_hermes(tmp_path: Path, hermes_python: Path) -> None:
     """The commands and requirements our hints name are Hermes' own."""
-    env = hermes_env(
-        tmp_path / "home", ROOT, relay_url="", registry_url="", name="x", incoming=tmp_path / "in"
-    )
+    env = hermes_env(tmp_path / "home", ROOT, relay_url="", registry_url="", name="x", incoming=tmp_path / "in")
     for sub in ("run", "start"):
         assert f"`hermes gateway {sub}`" in API_SERVER_HINT
         res = hermes(hermes_python, "gateway", sub, "--help", env=env)
