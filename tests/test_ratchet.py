@@ -15,8 +15,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from helpers import LOW_ORDER_POINTS, Drbg, Pair, flip, make_pair
+from helpers import LOW_ORDER_POINTS, Drbg, Net, Pair, flip, make_pair, received
 
+from agt_mesh.core import frames as fr
+from agt_mesh.core.events import ErrorEvent
 from agt_mesh.core.primitives import kdf_chain
 from agt_mesh.core.ratchet import (
     MAX_OLD_CHAINS,
@@ -401,6 +403,36 @@ def test_typescript_semantics_would_desync_on_a_duplicate() -> None:
     # Ours: duplicate refused, state untouched, a1 decrypts.
     _reject(p.bob, a0, rng, DuplicateMessageError)
     assert p.bob.decrypt(*a1, rng) == b"a #1"
+
+
+def test_header_with_the_peers_signed_prekey_before_any_reply_is_refused() -> None:
+    """The initiator's dhr is the peer's signed pre-key (public) until the first reply, and
+    there is no receiving chain yet: a forged header carrying that key is refused as
+    unauthentic (it used to trip an assertion, out of the receive path), state untouched."""
+    p, rng = _pair("spk-as-ratchet-key")
+    assert p.alice.dhr == p.bob_spk_public and p.alice.ckr is None
+    for n in (0, 1, 500):
+        _reject(p.alice, (p.bob_spk_public + struct.pack(">II", 0, n), bytes(40)), rng, MessageAuthError)
+    reply = p.bob.decrypt(*p.alice.encrypt(b"hi", rng), rng) and p.bob.encrypt(b"real reply", rng)
+    assert p.alice.decrypt(*reply, rng) == b"real reply"
+
+
+def test_forged_frame_with_the_peers_signed_prekey_does_not_stop_the_receive_path() -> None:
+    net = Net()
+    a, b = net.agent("alice"), net.agent("bob")
+    bundle = b.bundle()
+    net.route(a.establish(b, bundle).frames)  # KNOCK, accepted; bob has not sent a message yet
+    assert a.session(b).accepted and a.session(b).primary.ckr is None  # type: ignore[union-attr]
+    header = bundle.signed_pre_key + bytes(8)
+    forged = fr.message_frame(b.did, a.did, "forged-1", "2026-01-01T00:00:00.000Z", header, bytes(40))
+    before = a.session(b).to_bytes()
+    step = a.receive(forged)  # refused by the ratchet: buffered in case a re-key makes sense of it
+    assert received(step) == [] and not [e for e in step.events if isinstance(e, ErrorEvent)]
+    assert a.session(b).to_bytes() == before
+    assert received(net.route([a.send_frame(b, "hi")])[b.did]) == ["hi"]  # the session goes on
+    assert received(net.route([b.send_frame(a, "real")])[a.did]) == ["real"]
+    net.now += 3600
+    assert received(a.tick()) == []  # the buffered forgery is given up, never delivered
 
 
 def test_encrypt_at_counter_limit_raises_a_mesh_error() -> None:

@@ -46,6 +46,7 @@ from agt_mesh.errors import (
     MalformedMessageError,
     MeshProtocolError,
     MeshStateError,
+    MessageAuthError,
     TooManySkippedError,
 )
 
@@ -288,13 +289,17 @@ class DoubleRatchet:
         max_skip = self.max_skip
         dhr = self.dhr
         if dhr is not None and _compare(dh, dhr):
+            ck = self.ckr
+            if ck is None:
+                # An initiator that has not heard back yet knows the peer's signed pre-key
+                # (public: the registry hands it out) as dhr, but has no receiving chain.
+                # No honest message carries that key: the responder draws a new one first.
+                raise MessageAuthError("message on a receiving chain that does not exist yet")
             nr = self.nr
             if n < nr:
                 raise DuplicateMessageError(f"message {n} of the current chain was already received")
             if n - nr > max_skip:
                 raise TooManySkippedError(f"Too many skipped messages ({n - nr} > {max_skip})")
-            ck = self.ckr
-            assert ck is not None  # dhr is set together with ckr
             staged: list[tuple[tuple[bytes, int], bytes]] | None = None
             if n > nr:
                 staged = []
