@@ -296,7 +296,7 @@ _opt_text = sf.optional(sf.text)
 _knock_ek = sf.binary(0, 32)
 
 #: A re-key candidate inside a session state.
-CANDIDATE_RECORD = sf.Record(
+_CANDIDATE_RECORD = sf.Record(
     "session candidate",
     [
         sf.Field("kdf", "profile", KdfProfile, lambda p: p.value),
@@ -307,7 +307,7 @@ CANDIDATE_RECORD = sf.Record(
 )
 
 #: A held-back message inside a session state.
-HELD_RECORD = sf.Record(
+_HELD_RECORD = sf.Record(
     "held message",
     [
         sf.Field("q", "seq", _uint),
@@ -322,21 +322,21 @@ HELD_RECORD = sf.Record(
 def _load_candidates(value: Any) -> list[Candidate]:
     if type(value) is not list or len(value) > MAX_CANDIDATES:
         raise ValueError("candidates")
-    return [Candidate(**CANDIDATE_RECORD.load(c)) for c in value]
+    return [Candidate(**_CANDIDATE_RECORD.load(c)) for c in value]
 
 
 def _load_held(value: Any) -> list[HeldMessage]:
     if type(value) is not list:
         raise ValueError("held messages")
-    return [HeldMessage(**HELD_RECORD.load(h)) for h in value]
+    return [HeldMessage(**_HELD_RECORD.load(h)) for h in value]
 
 
 def _dump_candidates(cands: list[Candidate]) -> list[dict[str, Any]]:
-    return [CANDIDATE_RECORD.dump(c) for c in cands]
+    return [_CANDIDATE_RECORD.dump(c) for c in cands]
 
 
 def _dump_held(held: list[HeldMessage]) -> list[dict[str, Any]]:
-    return [HELD_RECORD.dump(h) for h in held]
+    return [_HELD_RECORD.dump(h) for h in held]
 
 
 def _nested_ratchet(blob: Any) -> Any:
