@@ -17,6 +17,9 @@ decrypted and committed with the ratchet state, so a crash loses none of them.
 Decryption tries the primary, then the candidates, then the previous ratchet.  Every
 try is transactional (see :mod:`agt_mesh.core.ratchet`), so a failed try costs time but
 never state.
+
+The saved state is a named, versioned map (:data:`SESSION_FORMAT`, see
+:mod:`agt_mesh.core.state_format`); every earlier version still loads.
 """
 
 from __future__ import annotations
