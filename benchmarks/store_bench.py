@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Durable-state overhead: receive throughput with the SQLite store on vs off, and disk per session.
+"""Durable-state overhead: receive throughput with the SQLite store on vs off, and bytes per session.
 
 The receive path measured is what ``MeshClient`` does per frame: decode + decrypt in the
 protocol core, then (durable) one transaction holding the new session state, the
@@ -104,6 +104,41 @@ def disk_per_session(sessions: int = 1000) -> float:
     return (size - empty) / sessions
 
 
+def _established() -> tuple[MeshProtocol, MeshProtocol]:
+    """Two parties after a KNOCK, its acceptance and one message each way."""
+    a, b = _party(), _party()
+
+    def deliver(frames: list[dict[str, object]], to: MeshProtocol) -> Step:
+        out = Step()
+        for f in frames:
+            out.extend(to.receive(json.loads(encode_frame(f)), time.time(), os.urandom))
+        return out
+
+    out = deliver(a.establish(b.did, b.prekeys.public_bundle(0), time.time(), os.urandom).frames, b)
+    (decision,) = [e for e in out.events if isinstance(e, ev.KnockDecision)]
+    deliver(b.resolve_knock(decision.knock_id, True, time.time(), os.urandom).frames, a)
+    deliver(a.send(b.did, "hello", time.time(), os.urandom)[0].frames, b)
+    deliver(b.send(a.did, "hello back", time.time(), os.urandom)[0].frames, a)
+    return a, b
+
+
+def disk_per_established_session(pairs: int = 500) -> tuple[float, float]:
+    """``(state bytes, state.db bytes)`` per established session (both sides of each pair)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = StateStore(Path(tmp) / "state", did=_party().did).open()
+        empty = store.path.stat().st_size
+        blob = 0
+        for i in range(pairs):
+            a, b = _established()
+            sessions = {f"a{i}": a.sessions[b.did], f"b{i}": b.sessions[a.did]}
+            blob += sum(len(s.to_bytes()) for s in sessions.values() if s is not None)
+            store.commit(sessions=sessions)
+        store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        size = store.path.stat().st_size
+        store.close()
+    return blob / (2 * pairs), (size - empty) / (2 * pairs)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--messages", type=int, default=3000)
@@ -123,10 +158,18 @@ def main(argv: list[str] | None = None) -> int:
         table.append({"mode": name, "msgs_per_s": med, "ratio": med / base})
         print(f"{name:28} {med:10,.0f} {med / base:12.0%}")
     per_session = disk_per_session()
-    print(f"disk per stored session: {per_session:,.0f} bytes")
+    state_bytes, per_established = disk_per_established_session()
+    print(f"disk per stored session: {per_session:,.0f} bytes (KNOCK pending)")
+    print(f"established session: {state_bytes:,.0f} bytes of state, {per_established:,.0f} bytes of disk")
     print(f"(medians of {args.rounds} rounds of {args.messages} messages of 200 bytes)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": table, "disk_bytes_per_session": per_session}, indent=1) + "\n")
+        result = {
+            "rows": table,
+            "disk_bytes_per_session": per_session,
+            "established_state_bytes": state_bytes,
+            "established_disk_bytes": per_established,
+        }
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

@@ -7,7 +7,6 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -18,10 +17,8 @@ import pytest
 from servers import ServerPair
 
 from agt_mesh.core.identity import Identity
-from agt_mesh.errors import MeshStateError
 from agt_mesh.shell.client import MeshClient
 from agt_mesh.shell.identity_file import save_identity
-from agt_mesh.shell.store import SCHEMA_VERSION, StateStore
 
 PEER = Path(__file__).with_name("durability_peer.py")
 
@@ -196,59 +193,3 @@ async def test_unconsumed_messages_survive_an_app_crash(tmp_path: Path, servers:
         assert (again.message_id, again.payload) == (first.message_id, "handle me")
         await asyncio.sleep(0.3)
         assert b2.drain() == []
-
-
-def test_corrupted_or_truncated_store_is_refused(tmp_path: Path) -> None:
-    d, ident = _state_dir(tmp_path, "x")
-    with StateStore(d, did=ident.did) as store:
-        store.set_meta("probe", "1")
-    db = d / "state.db"
-    data = db.read_bytes()
-    db.write_bytes(data[:100])  # truncated
-    with pytest.raises(MeshStateError, match="corrupted or truncated"):
-        StateStore(d, did=ident.did).open()
-    db.write_bytes(b"not a database at all" * 100)
-    with pytest.raises(MeshStateError, match="corrupted or truncated"):
-        StateStore(d, did=ident.did).open()
-    assert (d / "identity.json").exists()  # never replaced by a fresh identity
-
-
-def test_store_permissions_and_ownership(tmp_path: Path) -> None:
-    d, ident = _state_dir(tmp_path, "p")
-    with StateStore(d, did=ident.did):
-        pass
-    assert (d / "state.db").stat().st_mode & 0o777 == 0o600
-    os.chmod(d, 0o777)
-    with pytest.raises(MeshStateError, match="chmod 700"):
-        StateStore(d, did=ident.did).open()
-    os.chmod(d, 0o700)
-    os.chmod(d / "state.db", 0o644)
-    with pytest.raises(MeshStateError, match="chmod 600"):
-        StateStore(d, did=ident.did).open()
-    os.chmod(d / "state.db", 0o600)
-    with pytest.raises(MeshStateError, match="belongs to"):
-        StateStore(d, did="did:mesh:" + "0" * 32).open()
-
-
-def test_newer_schema_is_refused(tmp_path: Path) -> None:
-    d, ident = _state_dir(tmp_path, "n")
-    with StateStore(d, did=ident.did):
-        pass
-    con = sqlite3.connect(d / "state.db")
-    con.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
-    con.commit()
-    con.close()
-    with pytest.raises(MeshStateError, match="newer than this SDK"):
-        StateStore(d, did=ident.did).open()
-
-
-def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
-    d, ident = _state_dir(tmp_path, "f")
-    fd = os.open(d / "state.db", os.O_CREAT | os.O_WRONLY, 0o600)
-    os.close(fd)
-    con = sqlite3.connect(d / "state.db")
-    con.execute("CREATE TABLE something_else (x)")
-    con.commit()
-    con.close()
-    with pytest.raises(MeshStateError, match="not an agt-mesh state store"):
-        StateStore(d, did=ident.did).open()

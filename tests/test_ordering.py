@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import msgpack
 from helpers import Agent, Net, events_of, received
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -110,17 +109,6 @@ def test_held_messages_survive_a_restart_of_the_receiver() -> None:
     assert b2.proto.held_back(a.did) == 2
     assert received(net.route([f[1]])[b.did]) == [{"n": 1}, {"n": 2}, {"n": 3}]
     assert b2.session(a).summary()["held_back"] == 0
-
-
-def test_version_1_session_state_loads_with_an_empty_sequence() -> None:
-    net = Net()
-    a, b = _pair(net)
-    state = msgpack.unpackb(b.session(a).to_bytes(), raw=False)
-    assert state[0] == 2
-    v1 = msgpack.packb([1, *state[1:15]], use_bin_type=True)
-    old = PeerSession.from_bytes(v1)
-    assert (old.send_seq, old.recv_seq, old.held) == (0, 0, [])
-    assert old.primary is not None and old.primary.to_bytes() == b.session(a).primary.to_bytes()  # type: ignore[union-attr]
 
 
 def test_an_application_retry_of_an_unconfirmed_message_is_the_identical_frame() -> None:

@@ -15,10 +15,13 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from helpers import LOW_ORDER_POINTS, Drbg, Pair, flip, make_pair
+from helpers import LOW_ORDER_POINTS, Drbg, Net, Pair, flip, make_pair, received
 
+from agt_mesh.core import frames as fr
+from agt_mesh.core.events import ErrorEvent
 from agt_mesh.core.primitives import kdf_chain
 from agt_mesh.core.ratchet import (
+    MAX_OLD_CHAINS,
     MAX_SKIPPED_KEYS,
     DoubleRatchet,
     pack_header,
@@ -402,13 +405,43 @@ def test_typescript_semantics_would_desync_on_a_duplicate() -> None:
     assert p.bob.decrypt(*a1, rng) == b"a #1"
 
 
+def test_header_with_the_peers_signed_prekey_before_any_reply_is_refused() -> None:
+    """The initiator's dhr is the peer's signed pre-key (public) until the first reply, and
+    there is no receiving chain yet: a forged header carrying that key is refused as
+    unauthentic (it used to trip an assertion, out of the receive path), state untouched."""
+    p, rng = _pair("spk-as-ratchet-key")
+    assert p.alice.dhr == p.bob_spk_public and p.alice.ckr is None
+    for n in (0, 1, 500):
+        _reject(p.alice, (p.bob_spk_public + struct.pack(">II", 0, n), bytes(40)), rng, MessageAuthError)
+    reply = p.bob.decrypt(*p.alice.encrypt(b"hi", rng), rng) and p.bob.encrypt(b"real reply", rng)
+    assert p.alice.decrypt(*reply, rng) == b"real reply"
+
+
+def test_forged_frame_with_the_peers_signed_prekey_does_not_stop_the_receive_path() -> None:
+    net = Net()
+    a, b = net.agent("alice"), net.agent("bob")
+    bundle = b.bundle()
+    net.route(a.establish(b, bundle).frames)  # KNOCK, accepted; bob has not sent a message yet
+    assert a.session(b).accepted and a.session(b).primary.ckr is None  # type: ignore[union-attr]
+    header = bundle.signed_pre_key + bytes(8)
+    forged = fr.message_frame(b.did, a.did, "forged-1", "2026-01-01T00:00:00.000Z", header, bytes(40))
+    before = a.session(b).to_bytes()
+    step = a.receive(forged)  # refused by the ratchet: buffered in case a re-key makes sense of it
+    assert received(step) == [] and not [e for e in step.events if isinstance(e, ErrorEvent)]
+    assert a.session(b).to_bytes() == before
+    assert received(net.route([a.send_frame(b, "hi")])[b.did]) == ["hi"]  # the session goes on
+    assert received(net.route([b.send_frame(a, "real")])[a.did]) == ["real"]
+    net.now += 3600
+    assert received(a.tick()) == []  # the buffered forgery is given up, never delivered
+
+
 def test_encrypt_at_counter_limit_raises_a_mesh_error() -> None:
     """A state whose send counter reached 2^32 (accepted by ``from_bytes``) cannot encode
     another header; encrypt must fail with a MeshError, not a raw ``struct.error``."""
     p, rng = _pair("counter-limit")
-    fields = msgpack.unpackb(p.alice.to_bytes())
-    fields[7] = 1 << 32  # ns
-    exhausted = DoubleRatchet.from_bytes(msgpack.packb(fields, use_bin_type=True))
+    state = msgpack.unpackb(p.alice.to_bytes())
+    state["ns"] = 1 << 32
+    exhausted = DoubleRatchet.from_bytes(msgpack.packb(state, use_bin_type=True))
     with pytest.raises(MeshError):
         exhausted.encrypt(b"x", rng)
 
@@ -515,19 +548,49 @@ def test_continuing_after_restore_is_identical() -> None:
     assert len(outputs[0]) == 3 + 3 * 3 * 3 + 2
 
 
-def _fields(r: DoubleRatchet) -> list[object]:
-    return list(msgpack.unpackb(r.to_bytes()))
+def _state(r: DoubleRatchet) -> dict[str, object]:
+    state = msgpack.unpackb(r.to_bytes())
+    assert isinstance(state, dict)
+    return state
 
 
-def _pack(fields: list[object]) -> bytes:
-    return bytes(msgpack.packb(fields, use_bin_type=True))
+def _pack(value: object) -> bytes:
+    return bytes(msgpack.packb(value, use_bin_type=True))
 
 
 def _state_with_skipped() -> DoubleRatchet:
     p, rng = _pair("bad-state")
     msgs = _send(p.alice, rng, 3, "a")
     p.bob.decrypt(*msgs[2], rng)
+    p.alice.decrypt(*p.bob.encrypt(b"r", rng), rng)
+    p.bob.decrypt(*p.alice.encrypt(b"s", rng), rng)  # bob now has an old remote ratchet key
+    assert p.bob.skipped_count == 2 and p.bob.old_dhrs and p.bob.ckr and p.bob.cks
     return p.bob
+
+
+def _v1_fields(r: DoubleRatchet) -> list[object]:
+    """``r`` in the positional layout of ratchet state version 1."""
+    skipped = [[f"{dh.hex()}:{n}", mk] for (dh, n), mk in (r.skipped or {}).items()]
+    fields = [r.dhs_priv, r.dhs_pub, r.dhr, r.rk, r.cks, r.ckr, r.ns, r.nr, r.pn, r.max_skip, r.ad, skipped]
+    return [1, *fields, list(r.old_dhrs)]
+
+
+def test_state_is_a_named_map_without_defaults() -> None:
+    r = _state_with_skipped()
+    state = _state(r)
+    assert list(state) == ["v", "sk", "pk", "dhr", "rk", "cks", "ckr", "nr", "pn", "ad", "skip", "old"]
+    assert state["v"] == 2 and state["sk"] == r.dhs_priv and state["rk"] == r.rk and state["nr"] == r.nr
+    assert state["skip"] == [[dh, n, mk] for (dh, n), mk in (r.skipped or {}).items()]
+    # ns == 0 and max_skip == 100 are the defaults: not written, and loaded back
+    assert (r.ns, r.max_skip) == (0, 100) and "ns" not in state and "mx" not in state
+    _round_trip(r)
+    fresh = DoubleRatchet.init_receiver(b"\x01" * 32, b"\x02" * 32, b"\x03" * 32, b"ad")
+    assert list(_state(fresh)) == ["v", "sk", "pk", "rk", "ad"]
+
+
+def test_version_1_state_loads() -> None:
+    r = _state_with_skipped()
+    _assert_same(DoubleRatchet.from_bytes(_pack(_v1_fields(r))), r)
 
 
 @pytest.mark.parametrize(
@@ -541,6 +604,7 @@ def _state_with_skipped() -> DoubleRatchet:
         b"\xc6\xff\xff\xff\xff",  # bin32 claiming 4 GiB
         b"\x91" * 100_000 + b"\x00",  # nested 100000 deep
         b"\x93\x01\x02",  # array of 3 with only 2 items
+        b"\x81\x01\x02",  # map with an integer key
         bytes(range(256)),
     ],
 )
@@ -550,73 +614,157 @@ def test_from_bytes_garbage(data: bytes) -> None:
 
 
 def test_from_bytes_truncated_or_extended() -> None:
-    good = _state_with_skipped().to_bytes()
-    for cut in range(len(good)):
-        with pytest.raises(MeshStateError):
-            DoubleRatchet.from_bytes(good[:cut])
-    with pytest.raises(MeshStateError):
-        DoubleRatchet.from_bytes(good + b"\x00")
+    for good in (_state_with_skipped().to_bytes(), _pack(_v1_fields(_state_with_skipped()))):
+        for cut in range(len(good)):
+            with pytest.raises(MeshStateError) as err:
+                DoubleRatchet.from_bytes(good[:cut])
+            assert err.value.__context__ is None and err.value.__cause__ is None
+        with pytest.raises(MeshStateError) as err:
+            DoubleRatchet.from_bytes(good + b"\x00")
+        # msgpack's ExtraData error holds the whole unpacked (secret) state: never kept
+        assert err.value.__context__ is None and err.value.__cause__ is None
 
 
-@pytest.mark.parametrize("value", [{"a": 1}, 5, [], ["1"], [None], "state", [1.0]])
+@pytest.mark.parametrize("value", [{"a": 1}, {"v": "2"}, {"v": True}, 5, [], ["1"], [None], "state", [1.0], [True]])
 def test_from_bytes_wrong_layout(value: object) -> None:
-    with pytest.raises(MeshStateError):
-        DoubleRatchet.from_bytes(_pack(value))  # type: ignore[arg-type]
+    with pytest.raises(MeshStateError, match="layout"):
+        DoubleRatchet.from_bytes(_pack(value))
 
 
-@pytest.mark.parametrize("version", [0, 2, 255, -1])
-def test_from_bytes_wrong_version(version: int) -> None:
-    fields = _fields(_state_with_skipped())
-    fields[0] = version
-    with pytest.raises(MeshStateError, match="version"):
-        DoubleRatchet.from_bytes(_pack(fields))
+@pytest.mark.parametrize("version", [0, 3, 255, -1])
+def test_from_bytes_unknown_version(version: int) -> None:
+    state = _state(_state_with_skipped())
+    state["v"] = version
+    with pytest.raises(MeshStateError, match=f"version {version} is"):
+        DoubleRatchet.from_bytes(_pack(state))
+    v1 = _v1_fields(_state_with_skipped())
+    v1[0] = version
+    with pytest.raises(MeshStateError, match=f"version {version} is"):
+        DoubleRatchet.from_bytes(_pack(v1))
+
+
+def test_from_bytes_newer_version_says_upgrade() -> None:
+    state = _state(_state_with_skipped())
+    state["v"] = 3
+    with pytest.raises(MeshStateError, match="upgrade kars-agt-mesh"):
+        DoubleRatchet.from_bytes(_pack(state))
+
+
+def test_from_bytes_version_and_layout_mismatch() -> None:
+    v1 = _v1_fields(_state_with_skipped())
+    with pytest.raises(MeshStateError, match="version 2 is not a map"):
+        DoubleRatchet.from_bytes(_pack([2, *v1[1:]]))
+    with pytest.raises(MeshStateError, match="version 1 has the wrong layout"):
+        DoubleRatchet.from_bytes(_pack({**_state(_state_with_skipped()), "v": 1}))
 
 
 @pytest.mark.parametrize("count", [1, 12, 13, 15, 20])
-def test_from_bytes_wrong_field_count(count: int) -> None:
-    fields = _fields(_state_with_skipped())
+def test_from_bytes_version_1_wrong_field_count(count: int) -> None:
+    fields = _v1_fields(_state_with_skipped())
     fields = (fields + [None] * count)[:count]
-    with pytest.raises(MeshStateError, match="number of fields"):
+    with pytest.raises(MeshStateError, match="version 1 has the wrong layout"):
         DoubleRatchet.from_bytes(_pack(fields))
+
+
+@pytest.mark.parametrize("key", ["sk", "pk", "rk", "ad"])
+def test_from_bytes_missing_required_field(key: str) -> None:
+    state = _state(_state_with_skipped())
+    del state[key]
+    with pytest.raises(MeshStateError, match=f"wrong fields \\(missing {key}\\)"):
+        DoubleRatchet.from_bytes(_pack(state))
+
+
+@pytest.mark.parametrize("key", ["x", "V", "skipped", "ad ", b"sk"])
+def test_from_bytes_unexpected_field(key: str | bytes) -> None:
+    state: dict[object, object] = {**_state(_state_with_skipped()), key: 1}
+    with pytest.raises(MeshStateError, match="wrong fields \\(unexpected"):
+        DoubleRatchet.from_bytes(_pack(state))
+
+
+_SKIP = [b"\x00" * 32, 1, b"\x00" * 32]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("sk", b"\x00" * 31),
+        ("sk", None),
+        ("pk", b"\x00" * 33),
+        ("dhr", b"\x00" * 31),
+        ("dhr", "x" * 32),
+        ("rk", b"\x00" * 16),
+        ("rk", None),
+        ("cks", b"\x00" * 31),
+        ("ckr", 12345),
+        ("ns", -1),
+        ("ns", True),
+        ("ns", 1.5),
+        ("nr", (1 << 32) + 2),
+        ("pn", "0"),
+        ("mx", False),
+        ("mx", None),
+        ("ad", "ad as text"),
+        ("ad", None),
+        ("skip", {}),
+        ("skip", None),
+        ("skip", [_SKIP[:2]]),
+        ("skip", [[*_SKIP, 0]]),
+        ("skip", [[b"\x00" * 31, 1, b"\x00" * 32]]),
+        ("skip", [[b"\x00" * 32, -1, b"\x00" * 32]]),
+        ("skip", [[b"\x00" * 32, 1 << 32, b"\x00" * 32]]),
+        ("skip", [[b"\x00" * 32, "1", b"\x00" * 32]]),
+        ("skip", [[b"\x00" * 32, 1, b"\x00" * 31]]),
+        ("skip", [[b"\x00" * 32, 1, None]]),
+        ("skip", [_SKIP] * (MAX_SKIPPED_KEYS + 1)),
+        ("skip", [5]),
+        ("old", [b"\x00" * 31]),
+        ("old", [b"\x00" * 32] * (MAX_OLD_CHAINS + 1)),
+        ("old", b"\x00" * 32),
+        ("old", None),
+    ],
+)
+def test_from_bytes_invalid_fields(key: str, value: object) -> None:
+    state = _state(_state_with_skipped())
+    state[key] = value
+    with pytest.raises(MeshStateError, match=f"field '{key}'") as err:
+        DoubleRatchet.from_bytes(_pack(state))
+    assert err.value.__context__ is None
+
+
+def test_from_bytes_accepts_the_limits() -> None:
+    state = _state(_state_with_skipped())
+    state.update(ns=1 << 32, nr=0, mx=0, skip=[_SKIP] * MAX_SKIPPED_KEYS, old=[b"\x00" * 32] * MAX_OLD_CHAINS)
+    r = DoubleRatchet.from_bytes(_pack(state))
+    assert (r.ns, r.max_skip, r.skipped_count, len(r.old_dhrs)) == (1 << 32, 0, 1, MAX_OLD_CHAINS)
 
 
 @pytest.mark.parametrize(
     ("index", "value"),
     [
         (1, b"\x00" * 31),  # dhs_priv
-        (1, None),
-        (2, b"\x00" * 33),  # dhs_pub
-        (3, b"\x00" * 31),  # dhr
-        (3, "x" * 32),
-        (4, b"\x00" * 16),  # rk
-        (4, None),
-        (5, b"\x00" * 31),  # cks
-        (6, 12345),  # ckr
         (7, -1),  # ns
-        (7, True),
-        (7, 1.5),
-        (8, (1 << 32) + 2),  # nr
-        (9, "0"),  # pn
-        (10, False),  # max_skip
-        (11, "ad as text"),  # ad
-        (11, None),
+        (11, None),  # ad
         (12, {}),  # skipped list
         (12, [["zz:1", b"\x00" * 32]]),
         (12, [["00" * 32 + ":x", b"\x00" * 32]]),
         (12, [["00" * 31 + ":1", b"\x00" * 32]]),
         (12, [["00" * 32 + ":-1", b"\x00" * 32]]),
+        (12, [["00" * 32 + ": 1", b"\x00" * 32]]),
+        (12, [["00" * 32 + ":1_0", b"\x00" * 32]]),
         (12, [["00" * 32 + ":1", b"\x00" * 31]]),
         (12, [["00" * 32 + ":1:2", b"\x00" * 32]]),
         (12, [["00" * 32 + ":1"]]),
         (12, [[b"\x00" * 32, b"\x00" * 32]]),
         (12, [5]),
+        (13, None),  # old_dhrs
     ],
 )
-def test_from_bytes_invalid_fields(index: int, value: object) -> None:
-    fields = _fields(_state_with_skipped())
+def test_from_bytes_invalid_version_1_fields(index: int, value: object) -> None:
+    fields = _v1_fields(_state_with_skipped())
     fields[index] = value
-    with pytest.raises(MeshStateError):
+    with pytest.raises(MeshStateError) as err:
         DoubleRatchet.from_bytes(_pack(fields))
+    assert err.value.__context__ is None
 
 
 def test_repr_summary_and_pickling_hide_keys() -> None:

@@ -8,8 +8,10 @@ Wire constants (identical to ``@microsoft/agent-governance-sdk``)::
     blob            = nonce (12, random) || ChaCha20-Poly1305(mk, nonce, pt, AD || header)
 
 Skipped message keys: at most :data:`MAX_SKIP` (100) per chain step and
-:data:`MAX_SKIPPED_KEYS` (2000) in total, oldest evicted first.  Their ids are
-``"<hex dh>:<n>"`` in the serialised state.
+:data:`MAX_SKIPPED_KEYS` (2000) in total, oldest evicted first.
+
+The saved state is a named, versioned map (:data:`RATCHET_FORMAT`, see
+:mod:`agt_mesh.core.state_format`); every earlier version still loads.
 
 **Decryption is transactional.**  The TypeScript SDK advances its state before the tag
 check and never rolls back, so one duplicate or forged frame corrupts the session.  Here
@@ -26,8 +28,7 @@ import hmac
 import struct
 from typing import Any
 
-import msgpack
-
+from agt_mesh.core import state_format as sf
 from agt_mesh.core.primitives import (
     AEAD_NONCE_LEN,
     AEAD_TAG_LEN,
@@ -45,6 +46,7 @@ from agt_mesh.errors import (
     MalformedMessageError,
     MeshProtocolError,
     MeshStateError,
+    MessageAuthError,
     TooManySkippedError,
 )
 
@@ -52,6 +54,7 @@ __all__ = [
     "HEADER_LEN",
     "MAX_SKIP",
     "MAX_SKIPPED_KEYS",
+    "RATCHET_FORMAT",
     "RATCHET_INFO",
     "STATE_VERSION",
     "DoubleRatchet",
@@ -67,7 +70,6 @@ HEADER_LEN = 40
 MIN_BLOB_LEN = AEAD_NONCE_LEN + AEAD_TAG_LEN
 #: earlier remote ratchet keys remembered to recognise replays from old chains
 MAX_OLD_CHAINS = 8
-STATE_VERSION = 1
 _U32_MAX = 0xFFFFFFFF
 
 _pack_counters = struct.Struct(">II").pack
@@ -287,13 +289,17 @@ class DoubleRatchet:
         max_skip = self.max_skip
         dhr = self.dhr
         if dhr is not None and _compare(dh, dhr):
+            ck = self.ckr
+            if ck is None:
+                # An initiator that has not heard back yet knows the peer's signed pre-key
+                # (public: the registry hands it out) as dhr, but has no receiving chain.
+                # No honest message carries that key: the responder draws a new one first.
+                raise MessageAuthError("message on a receiving chain that does not exist yet")
             nr = self.nr
             if n < nr:
                 raise DuplicateMessageError(f"message {n} of the current chain was already received")
             if n - nr > max_skip:
                 raise TooManySkippedError(f"Too many skipped messages ({n - nr} > {max_skip})")
-            ck = self.ckr
-            assert ck is not None  # dhr is set together with ckr
             staged: list[tuple[tuple[bytes, int], bytes]] | None = None
             if n > nr:
                 staged = []
@@ -362,98 +368,38 @@ class DoubleRatchet:
 
     # -- serialisation ------------------------------------------------------------------
 
+    def to_state(self) -> dict[str, Any]:
+        """The full state as a named map of the current version (see :data:`RATCHET_FORMAT`).
+
+        It contains secret keys: store it only where the identity is stored.
+        """
+        return RATCHET_FORMAT.dump(self)
+
+    @classmethod
+    def from_state(cls, state: Any) -> DoubleRatchet:
+        """Restore a state returned by :meth:`to_state` (of this or any earlier version, as
+        unpacked from msgpack).
+
+        Raises:
+            MeshStateError: if it is not a valid state of a known version.
+        """
+        return cls(**RATCHET_FORMAT.load(state))
+
     def to_bytes(self) -> bytes:
-        """Serialise the full state (msgpack; the format is documented in the README).
+        """Serialise the full state (a msgpack map; the format is documented in the README).
 
         The result contains secret keys: store it only where the identity is stored.
         """
-        skipped = [[f"{dh.hex()}:{n}", mk] for (dh, n), mk in (self.skipped or {}).items()]
-        return msgpack.packb(  # type: ignore[no-any-return]
-            [
-                STATE_VERSION,
-                self.dhs_priv,
-                self.dhs_pub,
-                self.dhr,
-                self.rk,
-                self.cks,
-                self.ckr,
-                self.ns,
-                self.nr,
-                self.pn,
-                self.max_skip,
-                self.ad,
-                skipped,
-                list(self.old_dhrs),
-            ],
-            use_bin_type=True,
-        )
+        return RATCHET_FORMAT.pack(self)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> DoubleRatchet:
-        """Restore a state written by :meth:`to_bytes`.
+        """Restore a state written by :meth:`to_bytes` (this or any earlier version).
 
         Raises:
             MeshStateError: if the data is not a valid state of a known version.
         """
-        # Raised outside the ``except`` block: msgpack's ExtraData error carries the unpacked
-        # (secret) state, which must not ride along as the new exception's ``__context__``.
-        failure: str | None = None
-        try:
-            obj: Any = msgpack.unpackb(data, raw=False, strict_map_key=True)
-        except Exception as exc:  # msgpack raises several unrelated types
-            failure = type(exc).__name__
-        if failure is not None:
-            raise MeshStateError(f"ratchet state is not valid msgpack: {failure}")
-        if not isinstance(obj, list) or not obj or not isinstance(obj[0], int):
-            raise MeshStateError("ratchet state has an unknown layout")
-        if obj[0] != STATE_VERSION:
-            raise MeshStateError(
-                f"ratchet state version {obj[0]} is not supported (this SDK reads version "
-                f"{STATE_VERSION}); upgrade kars-agt-mesh"
-            )
-        if len(obj) != 14:
-            raise MeshStateError("ratchet state has the wrong number of fields")
-        _, dhs_priv, dhs_pub, dhr, rk, cks, ckr, ns, nr, pn, max_skip, ad, skipped_list, old = obj
-        if not isinstance(old, list) or not all(isinstance(o, bytes) and len(o) == KEY_LEN for o in old):
-            raise MeshStateError("ratchet state field old_dhrs is invalid")
-        for value, name in ((dhs_priv, "dhs_priv"), (dhs_pub, "dhs_pub"), (rk, "rk")):
-            if not isinstance(value, bytes) or len(value) != KEY_LEN:
-                raise MeshStateError(f"ratchet state field {name} is invalid")
-        for value, name in ((dhr, "dhr"), (cks, "cks"), (ckr, "ckr")):
-            if value is not None and (not isinstance(value, bytes) or len(value) != KEY_LEN):
-                raise MeshStateError(f"ratchet state field {name} is invalid")
-        for value, name in ((ns, "ns"), (nr, "nr"), (pn, "pn"), (max_skip, "max_skip")):
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _U32_MAX + 1:
-                raise MeshStateError(f"ratchet state field {name} is invalid")
-        if not isinstance(ad, bytes) or not isinstance(skipped_list, list):
-            raise MeshStateError("ratchet state is corrupted")
-        skipped: SkippedKeys = {}
-        for item in skipped_list:
-            try:
-                key_id, mk = item
-                dh_hex, n_text = key_id.split(":")
-                dh = bytes.fromhex(dh_hex)
-                n = int(n_text)
-            except (ValueError, TypeError, AttributeError):
-                raise MeshStateError("ratchet state has an invalid skipped-key entry") from None
-            if len(dh) != KEY_LEN or not isinstance(mk, bytes) or len(mk) != KEY_LEN or n < 0:
-                raise MeshStateError("ratchet state has an invalid skipped-key entry")
-            skipped[(dh, n)] = mk
-        return cls(
-            dhs_priv=dhs_priv,
-            dhs_pub=dhs_pub,
-            dhr=dhr,
-            rk=rk,
-            cks=cks,
-            ckr=ckr,
-            ns=ns,
-            nr=nr,
-            pn=pn,
-            ad=ad,
-            skipped=skipped,
-            max_skip=max_skip,
-            old_dhrs=tuple(old),
-        )
+        return cls(**RATCHET_FORMAT.unpack_and_load(data))
 
     def copy(self) -> DoubleRatchet:
         """An independent copy of this state."""
@@ -496,3 +442,89 @@ class DoubleRatchet:
 
     def __reduce__(self) -> Any:
         raise TypeError("DoubleRatchet is not picklable; use to_bytes()")
+
+
+# -- saved state ------------------------------------------------------------------------
+#
+# Version 2 (current) is a map: the keys below, plus "v".  Version 1 was the positional
+# array [1, dhs_priv, dhs_pub, dhr, rk, cks, ckr, ns, nr, pn, max_skip, ad,
+# [["<hex dh>:<n>", mk], ...], old_dhrs]; it is migrated on load.
+
+#: The version :meth:`DoubleRatchet.to_bytes` writes.
+STATE_VERSION = 2
+
+
+_key = sf.binary(KEY_LEN)
+_opt_key = sf.optional(_key)
+#: 2^32 itself is a valid resting value: the chain is exhausted and encrypt refuses
+_counter = sf.count(_U32_MAX + 1)
+
+
+def _load_skipped(value: Any) -> SkippedKeys:
+    if type(value) is not list or len(value) > MAX_SKIPPED_KEYS:
+        raise ValueError("skipped keys")
+    skipped: SkippedKeys = {}
+    for dh, n, mk in value:
+        if type(dh) is not bytes or len(dh) != KEY_LEN or type(mk) is not bytes or len(mk) != KEY_LEN:
+            raise ValueError("skipped key")
+        if type(n) is not int or not 0 <= n <= _U32_MAX:
+            raise ValueError("skipped key number")
+        skipped[(dh, n)] = mk
+    return skipped
+
+
+def _dump_skipped(skipped: SkippedKeys | None) -> list[list[Any]]:
+    return [[dh, n, mk] for (dh, n), mk in skipped.items()] if skipped else []
+
+
+def _load_old_dhrs(value: Any) -> tuple[bytes, ...]:
+    if type(value) is not list or len(value) > MAX_OLD_CHAINS:
+        raise ValueError("old ratchet keys")
+    return tuple(_key(k) for k in value)
+
+
+def _v1_skipped_entry(item: Any) -> list[Any]:
+    """``["<hex dh>:<n>", mk]`` (version 1) -> ``[dh, n, mk]``."""
+    key_id, mk = item
+    dh_hex, n_text = key_id.split(":")
+    if not (n_text.isascii() and n_text.isdigit()):
+        raise ValueError("skipped key number")
+    return [bytes.fromhex(dh_hex), int(n_text), mk]
+
+
+_V1_SLOTS = ("v", "sk", "pk", "dhr", "rk", "cks", "ckr", "ns", "nr", "pn", "mx", "ad", "skip", "old")
+
+
+def _v1_to_v2(state: Any) -> dict[str, Any]:
+    """Version 1 (positional array) -> version 2 (map); skipped-key ids become ``[dh, n, mk]``."""
+    if type(state) is not list or len(state) != len(_V1_SLOTS):
+        raise MeshStateError(f"ratchet state version 1 has the wrong layout (not an array of {len(_V1_SLOTS)})")
+    out = dict(zip(_V1_SLOTS, state, strict=True))
+    out["v"] = 2
+    if type(out["skip"]) is not list:
+        raise ValueError("skipped keys")
+    out["skip"] = [_v1_skipped_entry(item) for item in out["skip"]]
+    return out
+
+
+#: The ratchet state format: one line per field (key, attribute, check, conversion back).
+RATCHET_FORMAT = sf.StateFormat(
+    "ratchet state",
+    STATE_VERSION,
+    [
+        sf.Field("sk", "dhs_priv", _key),  # our current ratchet private key
+        sf.Field("pk", "dhs_pub", _key),  # ... and its public key
+        sf.Field("dhr", "dhr", _opt_key, default=None),  # the peer's current ratchet public key
+        sf.Field("rk", "rk", _key),  # root key
+        sf.Field("cks", "cks", _opt_key, default=None),  # sending chain key
+        sf.Field("ckr", "ckr", _opt_key, default=None),  # receiving chain key
+        sf.Field("ns", "ns", _counter, default=0),  # messages sent on the sending chain
+        sf.Field("nr", "nr", _counter, default=0),  # messages received on the receiving chain
+        sf.Field("pn", "pn", _counter, default=0),  # length of the previous sending chain
+        sf.Field("mx", "max_skip", _counter, default=MAX_SKIP),  # skipped-key limit per chain step
+        sf.Field("ad", "ad", sf.binary()),  # channel associated data
+        sf.Field("skip", "skipped", _load_skipped, _dump_skipped, default=[]),  # [[dh, n, mk], ...], oldest first
+        sf.Field("old", "old_dhrs", _load_old_dhrs, list, default=[]),  # earlier remote ratchet keys, oldest first
+    ],
+    {1: _v1_to_v2},
+)

@@ -17,6 +17,9 @@ decrypted and committed with the ratchet state, so a crash loses none of them.
 Decryption tries the primary, then the candidates, then the previous ratchet.  Every
 try is transactional (see :mod:`agt_mesh.core.ratchet`), so a failed try costs time but
 never state.
+
+The saved state is a named, versioned map (:data:`SESSION_FORMAT`, see
+:mod:`agt_mesh.core.state_format`); every earlier version still loads.
 """
 
 from __future__ import annotations
@@ -25,20 +28,24 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
-
+from agt_mesh.core import state_format as sf
 from agt_mesh.core.primitives import RandomSource
 from agt_mesh.core.ratchet import DoubleRatchet
 from agt_mesh.core.x3dh import KdfProfile
 from agt_mesh.errors import DecryptError, DuplicateMessageError, MeshStateError
 
-__all__ = ["MAX_CANDIDATES", "Candidate", "DecryptOutcome", "HeldMessage", "PeerSession"]
+__all__ = [
+    "MAX_CANDIDATES",
+    "SESSION_FORMAT",
+    "SESSION_STATE_VERSION",
+    "Candidate",
+    "DecryptOutcome",
+    "HeldMessage",
+    "PeerSession",
+]
 
 #: Re-key candidates kept per peer (bounds the work a flood of KNOCKs can cause).
 MAX_CANDIDATES = 8
-SESSION_STATE_VERSION = 2
-_V1_FIELDS = 15
-_V2_FIELDS = 18
 
 
 @dataclass(slots=True)
@@ -210,109 +217,32 @@ class PeerSession:
 
     # -- persistence --------------------------------------------------------------------
 
-    def to_bytes(self) -> bytes:
-        """Serialise (msgpack, version 2): the ratchets are nested ``DoubleRatchet`` states.
-
-        Version 2 appended the message sequence (``send_seq``, ``recv_seq``, held messages);
-        version 1 states load with an empty sequence.
-        """
-        return msgpack.packb(  # type: ignore[no-any-return]
-            [
-                SESSION_STATE_VERSION,
-                self.peer,
-                self.role,
-                self.profile.value if self.profile else None,
-                self.primary.to_bytes() if self.primary else None,
-                [[c.profile.value, c.ratchet.to_bytes(), c.knock_ek, c.glare] for c in self.candidates],
-                self.previous.to_bytes() if self.previous else None,
-                self.verified,
-                self.accepted,
-                self.failures,
-                self.last_activity,
-                self.establishment_ek,
-                json.dumps(self.pending_knock) if self.pending_knock is not None else None,
-                self.knock_id,
-                self.accept_ts,
-                self.send_seq,
-                self.recv_seq,
-                [[h.seq, h.message_id, h.payload, h.ts, h.held_at] for h in self.held],
-            ],
-            use_bin_type=True,
-        )
+    def to_state(self) -> dict[str, Any]:
+        """The session as a named map of the current version (see :data:`SESSION_FORMAT`);
+        its ratchets are nested ratchet state maps."""
+        return SESSION_FORMAT.dump(self)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> PeerSession:
-        """Restore a session written by :meth:`to_bytes`.
+    def from_state(cls, state: Any) -> PeerSession:
+        """Restore a session from a state map (or positional array) of any version this SDK reads.
 
         Raises:
             MeshStateError: for unknown versions or corrupted data.
         """
-        failed = False  # raised outside ``except``: the msgpack error may hold the secret state
-        try:
-            obj = msgpack.unpackb(data, raw=False)
-        except Exception:
-            failed = True
-        if failed:
-            raise MeshStateError("session state is not valid msgpack")
-        if not isinstance(obj, list) or not obj or (obj[0], len(obj)) not in ((1, _V1_FIELDS), (2, _V2_FIELDS)):
-            raise MeshStateError("session state has an unknown version or layout")
-        sequence: list[Any] = obj[_V1_FIELDS:] if obj[0] == 2 else [0, 0, []]
-        try:
-            (
-                _,
-                peer,
-                role,
-                profile,
-                primary,
-                cands,
-                previous,
-                verified,
-                accepted,
-                failures,
-                last,
-                ek,
-                knock,
-                knock_id,
-                accept_ts,
-            ) = obj[:_V1_FIELDS]
-            send_seq, recv_seq, held = sequence
-            pending = json.loads(knock) if knock is not None else None
-            if pending is not None and not isinstance(pending, dict):
-                raise ValueError("pending knock")
-            return cls(
-                peer=str(peer),
-                role=str(role),
-                profile=KdfProfile(profile) if profile else None,
-                primary=DoubleRatchet.from_bytes(primary) if primary else None,
-                candidates=[
-                    Candidate(KdfProfile(p), DoubleRatchet.from_bytes(r), bytes(e), bool(g)) for p, r, e, g in cands
-                ],
-                previous=DoubleRatchet.from_bytes(previous) if previous else None,
-                verified=bool(verified),
-                accepted=bool(accepted),
-                failures=int(failures),
-                last_activity=float(last),
-                establishment_ek=bytes(ek),
-                pending_knock=pending,
-                knock_id=str(knock_id) if knock_id is not None else None,
-                accept_ts=str(accept_ts) if accept_ts is not None else None,
-                send_seq=_count(send_seq),
-                recv_seq=_count(recv_seq),
-                held=[
-                    HeldMessage(
-                        _count(q),
-                        str(i),
-                        str(p) if p is not None else None,
-                        str(t) if t is not None else None,
-                        float(a),
-                    )
-                    for q, i, p, t, a in held
-                ],
-            )
-        except MeshStateError:
-            raise
-        except (TypeError, ValueError):
-            raise MeshStateError("session state is corrupted") from None
+        return cls(**SESSION_FORMAT.load(state))
+
+    def to_bytes(self) -> bytes:
+        """Serialise (a msgpack map of version :data:`SESSION_STATE_VERSION`; see the README)."""
+        return SESSION_FORMAT.pack(self)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PeerSession:
+        """Restore a session written by :meth:`to_bytes` (this or any earlier version).
+
+        Raises:
+            MeshStateError: for unknown versions or corrupted data.
+        """
+        return cls(**SESSION_FORMAT.unpack_and_load(data))
 
     def __repr__(self) -> str:
         return (
@@ -321,7 +251,170 @@ class PeerSession:
         )
 
 
-def _count(value: Any) -> int:
-    if type(value) is not int or value < 0:
-        raise ValueError("counter")
-    return value
+# -- saved state ------------------------------------------------------------------------
+#
+# Version 3 (current) is a map: the keys below, plus "v"; the ratchets are nested ratchet
+# state maps (each with its own version, migrated by the ratchet format).  Versions 1 and 2
+# were positional arrays whose ratchets were nested msgpack blobs; version 2 appended the
+# message sequence (send_seq, recv_seq, held) to version 1's 15 slots.
+
+#: The version :meth:`PeerSession.to_bytes` writes.
+SESSION_STATE_VERSION = 3
+
+#: counters are bounded only by what msgpack stores: whatever the protocol writes must load
+_uint = sf.count((1 << 64) - 1)
+
+
+def _load_ratchet(value: Any) -> DoubleRatchet:
+    return DoubleRatchet.from_state(value)
+
+
+def _load_opt_ratchet(value: Any) -> DoubleRatchet | None:
+    return None if value is None else DoubleRatchet.from_state(value)
+
+
+def _dump_opt_ratchet(r: DoubleRatchet | None) -> dict[str, Any] | None:
+    return None if r is None else r.to_state()
+
+
+def _dump_profile(profile: KdfProfile | None) -> str | None:
+    return None if profile is None else profile.value
+
+
+def _load_knock(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    knock = json.loads(sf.text(value))
+    if type(knock) is not dict:
+        raise ValueError("pending knock")
+    return knock
+
+
+def _dump_knock(knock: dict[str, Any] | None) -> str | None:
+    return None if knock is None else json.dumps(knock, separators=(",", ":"))
+
+
+_opt_text = sf.optional(sf.text)
+#: the ephemeral key of the KNOCK that made a ratchet; empty for one not made by a KNOCK
+_knock_ek = sf.binary(0, 32)
+
+#: A re-key candidate inside a session state.
+_CANDIDATE_RECORD = sf.Record(
+    "session candidate",
+    [
+        sf.Field("kdf", "profile", KdfProfile, lambda p: p.value),
+        sf.Field("r", "ratchet", _load_ratchet, DoubleRatchet.to_state),
+        sf.Field("ek", "knock_ek", _knock_ek, default=b""),
+        sf.Field("gl", "glare", sf.flag, default=False),
+    ],
+)
+
+#: A held-back message inside a session state.
+_HELD_RECORD = sf.Record(
+    "held message",
+    [
+        sf.Field("q", "seq", _uint),
+        sf.Field("id", "message_id", sf.text),
+        sf.Field("p", "payload", _opt_text, default=None),  # compact JSON text; nil: a slot taken by a duplicate
+        sf.Field("ts", "ts", _opt_text, default=None),
+        sf.Field("at", "held_at", sf.number),
+    ],
+)
+
+
+def _load_candidates(value: Any) -> list[Candidate]:
+    if type(value) is not list or len(value) > MAX_CANDIDATES:
+        raise ValueError("candidates")
+    return [Candidate(**_CANDIDATE_RECORD.load(c)) for c in value]
+
+
+def _load_held(value: Any) -> list[HeldMessage]:
+    if type(value) is not list:
+        raise ValueError("held messages")
+    return [HeldMessage(**_HELD_RECORD.load(h)) for h in value]
+
+
+def _dump_candidates(cands: list[Candidate]) -> list[dict[str, Any]]:
+    return [_CANDIDATE_RECORD.dump(c) for c in cands]
+
+
+def _dump_held(held: list[HeldMessage]) -> list[dict[str, Any]]:
+    return [_HELD_RECORD.dump(h) for h in held]
+
+
+def _nested_ratchet(blob: Any) -> Any:
+    """A version 1/2 session's nested ratchet blob (or nil) -> the unpacked ratchet state."""
+    return None if blob is None else sf.unpack(sf.binary()(blob), "ratchet state")
+
+
+_V2_SLOTS = (
+    "v",
+    "peer",
+    "role",
+    "kdf",
+    "pri",
+    "cand",
+    "prev",
+    "ver",
+    "acc",
+    "fail",
+    "last",
+    "ek",
+    "knock",
+    "kid",
+    "ats",
+    "ssq",
+    "rsq",
+    "held",
+)
+_V1_SLOT_COUNT = 15
+
+
+def _v1_to_v2(state: Any) -> list[Any]:
+    """Version 1 -> 2: the message sequence is appended, empty."""
+    if type(state) is not list or len(state) != _V1_SLOT_COUNT:
+        raise MeshStateError(f"session state version 1 has the wrong layout (not an array of {_V1_SLOT_COUNT})")
+    return [2, *state[1:], 0, 0, []]
+
+
+def _v2_to_v3(state: Any) -> dict[str, Any]:
+    """Version 2 (positional array) -> 3 (map): slots get their names, candidates and held
+    messages become records, nested ratchet blobs become nested ratchet states."""
+    if type(state) is not list or len(state) != len(_V2_SLOTS):
+        raise MeshStateError(f"session state version 2 has the wrong layout (not an array of {len(_V2_SLOTS)})")
+    out = dict(zip(_V2_SLOTS, state, strict=True))
+    if type(out["cand"]) is not list or type(out["held"]) is not list:
+        raise ValueError("candidates or held messages")
+    out["v"] = 3
+    out["pri"] = _nested_ratchet(out["pri"])
+    out["prev"] = _nested_ratchet(out["prev"])
+    out["cand"] = [{"kdf": p, "r": _nested_ratchet(r), "ek": e, "gl": g} for p, r, e, g in out["cand"]]
+    out["held"] = [{"q": q, "id": i, "p": p, "ts": t, "at": a} for q, i, p, t, a in out["held"]]
+    return out
+
+
+#: The session state format: one line per field (key, attribute, check, conversion back).
+SESSION_FORMAT = sf.StateFormat(
+    "session state",
+    SESSION_STATE_VERSION,
+    [
+        sf.Field("peer", "peer", sf.text),  # the peer's DID
+        sf.Field("role", "role", sf.one_of(("initiator", "responder"))),  # ours, in the primary
+        sf.Field("kdf", "profile", sf.optional(KdfProfile), _dump_profile, default=None),  # "spec" | "legacy" | nil
+        sf.Field("pri", "primary", _load_opt_ratchet, _dump_opt_ratchet, default=None),
+        sf.Field("cand", "candidates", _load_candidates, _dump_candidates, default=[]),
+        sf.Field("prev", "previous", _load_opt_ratchet, _dump_opt_ratchet, default=None),
+        sf.Field("ver", "verified", sf.flag, default=False),
+        sf.Field("acc", "accepted", sf.flag, default=False),
+        sf.Field("fail", "failures", _uint, default=0),
+        sf.Field("last", "last_activity", sf.number, default=0.0),
+        sf.Field("ek", "establishment_ek", _knock_ek, default=b""),
+        sf.Field("knock", "pending_knock", _load_knock, _dump_knock, default=None),  # our KNOCK frame as JSON text
+        sf.Field("kid", "knock_id", _opt_text, default=None),
+        sf.Field("ats", "accept_ts", _opt_text, default=None),
+        sf.Field("ssq", "send_seq", _uint, default=0),
+        sf.Field("rsq", "recv_seq", _uint, default=0),
+        sf.Field("held", "held", _load_held, _dump_held, default=[]),
+    ],
+    {1: _v1_to_v2, 2: _v2_to_v3},
+)
