@@ -1071,7 +1071,8 @@ async def amain(args: argparse.Namespace) -> int:
         print("\nExpected failures:")
         for cell, sc, reason in xfails:
             print(f"- {cell} / {sc}: {reason}")
-    tmp = RESULTS.with_name(RESULTS.name + ".tmp")
+    results = Path(args.results) if args.results else RESULTS
+    tmp = results.with_name(results.name + ".tmp")
     tmp.write_text(
         json.dumps(
             {
@@ -1106,7 +1107,7 @@ async def amain(args: argparse.Namespace) -> int:
         )
         + "\n"
     )
-    os.replace(tmp, RESULTS)
+    os.replace(tmp, results)
     if not unexpected and not args.keep_logs:
         shutil.rmtree(root, ignore_errors=True)
     else:
@@ -1121,6 +1122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", help=f"comma-separated scenarios (default: {','.join(SCENARIOS)})")
     parser.add_argument("--quick", action="store_true", help="only hello and ping-pong")
     parser.add_argument("--jobs", type=int, default=4, help="jobs run at the same time (default %(default)s)")
+    parser.add_argument("--results", help="where to write the results (default: interop/results.json)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the peer logs even when everything passed")
     args = parser.parse_args(argv)
     return asyncio.run(amain(args))
