@@ -23,7 +23,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,25 @@ VerifiedHook = Callable[[str, bool], Awaitable[None] | None]
 _DAY = 86400.0
 #: frames processed per commit under load
 _BATCH = 256
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Frames read from the relay and what processing them has produced so far."""
+
+    texts: list[str]
+    #: ``(frame, bytes, admitted)``: decoded frames and parked frames let back in
+    items: list[tuple[Any, int, bool]] = field(default_factory=list)
+    decoded: bool = False
+    #: items processed (the next is ``items[done]``)
+    done: int = 0
+    step: Step = field(default_factory=Step)
+    #: per sender: messages and bytes admitted to the inbox by this batch so far
+    admitted: dict[str, list[int]] = field(default_factory=dict)
+    #: the step is being committed and delivered
+    applying: bool = False
+    #: the final batch at shutdown
+    last: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +293,8 @@ class MeshClient:
         self._inbound = FrameQueue()
         self._parking = Parking()
         self._processor: asyncio.Task[None] | None = None
+        #: the inbound batch in progress (resumed by a restarted processing task)
+        self._batch: _Batch | None = None
         self._closing = False
         #: why committing received state fails right now (the receive path waits)
         self._stalled: str | None = None
@@ -653,20 +674,38 @@ class MeshClient:
                 self._restarting = False
 
     async def _process_loop(self) -> None:
-        """Process inbound frames in batches until the queue is stopped."""
+        """Process inbound frames in batches until the queue is stopped.
+
+        The batch in progress lives on the client (``_batch``), with how far it got, so a
+        task restarted by the supervisor resumes it: no frame that was read is lost, and
+        none is processed twice (the frame that was being processed when the task failed
+        is the one skipped).  A batch whose delivery had begun is not delivered again.
+        """
         while True:
-            try:
-                texts = await self._inbound.get(_BATCH)
-            except EOFError:
-                # shutting down: what was set aside is processed too (committed to the
-                # durable inbox), since AGT relays do not deliver a frame twice
-                await self._process_items([(obj, 0, True) for obj in self._parking.take_all()])
+            batch = self._batch
+            if batch is None:
+                try:
+                    texts = await self._inbound.get(_BATCH)
+                except EOFError:
+                    # shutting down: what was set aside is processed too (committed to the
+                    # durable inbox), since AGT relays do not deliver a frame twice
+                    batch = _Batch([], [(obj, 0, True) for obj in self._parking.take_all()], decoded=True, last=True)
+                else:
+                    batch = _Batch(texts or [])
+                self._batch = batch
+            if batch.applying:
+                log.warning("dropping the delivery of a batch interrupted by a failure (it was committed)")
+            else:
+                if not batch.decoded:
+                    batch.items.extend(self._unparked())
+                    decoded = [item for text in batch.texts for item in self._decode(text)]
+                    batch.items.extend(decoded)
+                    batch.decoded = True
+                if batch.items:
+                    await self._process_batch(batch)
+            self._batch = None
+            if batch.last:
                 return
-            items = self._unparked()
-            for text in texts or ():
-                items.extend(self._decode(text))
-            if items:
-                await self._process_items(items)
 
     def _decode(self, text: str) -> list[tuple[Any, int, bool]]:
         """``(frame, bytes, admitted)`` items of one frame text (a relay's
@@ -690,23 +729,24 @@ class MeshClient:
                 count, size = count + 1, size + head[1]
         return out
 
-    async def _process_items(self, items: list[tuple[Any, int, bool]]) -> None:
-        """Process frames with one commit, then send the acks.
+    async def _process_batch(self, batch: _Batch) -> None:
+        """Process a batch's frames with one commit, then send the acks.
 
         A ``message`` frame from a peer that has its fair share of the inbox waiting is
         set aside (parked) instead, unacknowledged, until the application reads.  Each
         frame is processed on its own: an exception costs that frame only.
         """
-        step = Step()
-        admitted: dict[str, list[int]] = {}
+        step = batch.step
         async with self._lock:
-            for obj, size, ok in items:
+            while batch.done < len(batch.items):
+                obj, size, ok = batch.items[batch.done]
+                batch.done += 1  # before processing: a frame that brings the task down is not retried
                 if isinstance(obj, _Malformed):
                     step.events.append(ev.ErrorEvent("frame", None, obj.detail))
                     continue
                 peer = _message_sender(obj)
                 if peer is not None:
-                    extra = admitted.setdefault(peer, [0, 0])
+                    extra = batch.admitted.setdefault(peer, [0, 0])
                     if not ok and (peer in self._parking or not self.inbox.admits(peer, *extra)):
                         for who, dropped in self._parking.park(peer, obj, size):
                             step.events.append(_parking_full(who, dropped))
@@ -719,9 +759,10 @@ class MeshClient:
                     self._internal_errors += 1
                     log.exception("inbound frame processing failed")
                     step.events.append(_internal_error(obj, exc))
-                    fid = obj.get("id") if isinstance(obj, dict) else None
-                    if isinstance(fid, str) and obj.get("type") in ("message", "knock"):
+                    fid = _frame_id(obj)
+                    if fid is not None and obj.get("type") in ("message", "knock"):
                         step.acks.append(fid)  # it can never be processed: stop redelivery
+        batch.applying = True
         await self._apply(step)
 
     def _persist(self, step: Step, messages: list[InboundMessage], texts: list[str] | None = None) -> None:

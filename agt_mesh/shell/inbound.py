@@ -148,6 +148,8 @@ class Parking:
         self.total_bytes = total_bytes
         self._frames: dict[str, collections.deque[tuple[dict[str, Any], int]]] = {}
         self._bytes: dict[str, int] = {}
+        #: ids parked per peer: a sender re-sending an unconfirmed frame is parked once
+        self._ids: dict[str, set[str]] = {}
         #: frames dropped (unacknowledged) because parking was full
         self.dropped = 0
 
@@ -168,6 +170,9 @@ class Parking:
         """Set ``obj`` aside for ``peer``; returns ``(peer, frame)`` pairs dropped to make
         room (possibly ``obj`` itself).  Dropped frames must not be acknowledged."""
         dropped: list[tuple[str, dict[str, Any]]] = []
+        fid = obj.get("id")
+        if isinstance(fid, str) and fid in self._ids.get(peer, ()):
+            return []  # the same frame again (a re-send): already waiting here
         if size > self.peer_bytes or self._bytes.get(peer, 0) + size > self.peer_bytes:
             self.dropped += 1
             return [(peer, obj)]
@@ -177,25 +182,31 @@ class Parking:
                 self.dropped += 1
                 return [*dropped, (peer, obj)]  # the newcomer is the biggest: it pays
             victim, vsize = self._frames[biggest].pop()  # its newest frame
-            self._bytes[biggest] -= vsize
-            if not self._frames[biggest]:
-                del self._frames[biggest], self._bytes[biggest]
+            self._forget(biggest, victim, vsize)
             self.dropped += 1
             dropped.append((biggest, victim))
         self._frames.setdefault(peer, collections.deque()).append((obj, size))
         self._bytes[peer] = self._bytes.get(peer, 0) + size
+        if isinstance(fid, str):
+            self._ids.setdefault(peer, set()).add(fid)
         return dropped
+
+    def _forget(self, peer: str, obj: dict[str, Any], size: int) -> None:
+        self._bytes[peer] -= size
+        fid = obj.get("id")
+        if isinstance(fid, str):
+            self._ids.get(peer, set()).discard(fid)
+        if not self._frames[peer]:
+            del self._frames[peer], self._bytes[peer]
+            self._ids.pop(peer, None)
 
     def head(self, peer: str) -> tuple[dict[str, Any], int] | None:
         queue = self._frames.get(peer)
         return queue[0] if queue else None
 
     def pop(self, peer: str) -> dict[str, Any]:
-        queue = self._frames[peer]
-        obj, size = queue.popleft()
-        self._bytes[peer] -= size
-        if not queue:
-            del self._frames[peer], self._bytes[peer]
+        obj, size = self._frames[peer].popleft()
+        self._forget(peer, obj, size)
         return obj
 
     def take_all(self) -> list[dict[str, Any]]:
@@ -203,6 +214,7 @@ class Parking:
         out = [obj for q in self._frames.values() for obj, _ in q]
         self._frames.clear()
         self._bytes.clear()
+        self._ids.clear()
         return out
 
 
