@@ -376,7 +376,11 @@ class MeshClient:
         return policy
 
     def on_error(self, hook: ErrorHook) -> ErrorHook:
-        """Register ``hook(kind, peer, detail)`` for frame, decrypt, knock, relay and ws errors."""
+        """Register ``hook(kind, peer, detail)`` for problems: ``frame``, ``decrypt`` (including
+        payloads refused as not strict JSON), ``duplicate``, ``knock``, ``gap``, ``limit`` (a
+        byte limit held something back or dropped it unacknowledged), ``relay``, ``ws``,
+        ``store`` (commits fail; receiving is paused) and ``internal`` (an unexpected error,
+        contained to one frame or followed by a restart)."""
         self._error_hooks.append(hook)
         return hook
 
