@@ -365,7 +365,9 @@ class MeshClient:
     def on_message(self, hook: MessageHook) -> MessageHook:
         """Register ``hook(message)``, called for every message (usable as a decorator).
 
-        Messages also go to the inbox; consume them there (or ignore the inbox).
+        Messages also go to the inbox, which is bounded: an application that handles them
+        here should still empty it (``drain()``), or each sender's share fills up and its
+        further frames wait (see ``inbox_size``).
         """
         self._message_hooks.append(hook)
         return hook
