@@ -137,10 +137,11 @@ class ProtocolConfig:
     reorder_timeout: float = 30.0
     #: messages held back per peer; beyond this the oldest gap is given up
     max_held: int = 1000
-    #: payload bytes held back per peer; beyond this the oldest gap is given up.  Held
-    #: messages are part of the session state, which is rewritten at every commit for
-    #: the peer: a few MiB keeps that cheap while covering any honest re-send window.
-    max_held_bytes: int = 4 * MiB
+    #: payload bytes held back per peer; beyond this the oldest gap is given up.  One
+    #: maximal message fits (a smaller bound would give up the order of large messages
+    #: whenever one is lost); held messages are part of the session state, rewritten at
+    #: every commit for the peer, so this also bounds what one commit writes.
+    max_held_bytes: int = 16 * MiB
     #: largest decrypted (or plaintext) payload accepted: the relays' own frame limit
     max_payload_bytes: int = fr.DEFAULT_MAX_FRAME_BYTES
     #: bytes of frames one peer may have waiting in the pre-KNOCK buffer (no session
