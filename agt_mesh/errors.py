@@ -16,6 +16,7 @@ flat on purpose, so callers can catch what they can act on::
     │       ├── TooManySkippedError       the gap exceeds the skipped-key limit
     │       └── MalformedMessageError     header or ciphertext has the wrong shape
     ├── MeshProtocolError        a frame or state-machine rule was violated
+    │   └── MalformedJsonError   inbound JSON text is not strict JSON or exceeds a limit
     ├── MeshStateError           the durable state could not be read or written
     ├── MeshTransportError       relay connection problems (timeouts, closes, the writer lock)
     ├── MeshAuthError            the relay or registry refused our credentials
@@ -34,6 +35,7 @@ __all__ = [
     "DowngradeError",
     "DuplicateMessageError",
     "IdentityFileError",
+    "MalformedJsonError",
     "MalformedMessageError",
     "MeshAuthError",
     "MeshConfigError",
@@ -120,6 +122,18 @@ class MalformedMessageError(DecryptError):
 
 class MeshProtocolError(MeshError):
     """A frame could not be decoded, or a protocol rule was violated."""
+
+
+class MalformedJsonError(MeshProtocolError):
+    """Inbound JSON text (a frame or a payload) is not strict JSON or exceeds a limit.
+
+    ``reason`` is a short stable label: ``size``, ``utf8``, ``syntax``, ``depth``,
+    ``non_finite`` (NaN, Infinity) or ``range`` (a number too large to represent).
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class MeshStateError(MeshError):

@@ -1177,7 +1177,9 @@ def test_relay_error_with_non_finite_detail_does_not_crash(text: str) -> None:
     net = Net()
     b = net.agent("bob")
     step = b.receive_text(text)
-    assert [e.kind for e in step.events] == ["relay"]
+    # NaN/Infinity are not JSON: the frame is refused when decoded (strict JSON)
+    assert [e.kind for e in step.events] == ["frame"]
+    assert "is not a JSON number" in step.events[0].detail  # type: ignore[union-attr]
 
 
 def test_relay_error_with_deeply_nested_detail_does_not_crash() -> None:

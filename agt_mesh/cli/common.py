@@ -13,7 +13,6 @@ import datetime as _dt
 import json
 import os
 import signal
-import stat
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -246,28 +245,20 @@ def check_timeout(value: float | None, name: str = "--timeout") -> None:
 
 
 def check_state_dir_perms(path: Path) -> None:
-    """Refuse (exit 1, with the fix) a state directory or store others can write or read."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
+    """Refuse (exit 1, with the fix) a state directory or store others can write or read.
+
+    The same checks as the SDK (:mod:`agt_mesh.shell.safefs`), made a usage error here.
+    """
+    from agt_mesh.errors import MeshStateError
+    from agt_mesh.shell.safefs import check_sqlite_files, check_state_dir
+
+    if not path.exists() and not path.is_symlink():
         return
-    if not stat.S_ISDIR(st.st_mode):
-        raise CliError(f"state path {path} is not a directory; pass another --state-dir")
-    if st.st_mode & 0o022:
-        raise CliError(
-            f"state directory {path} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}); "
-            f"it holds private keys. Fix it with: chmod 700 {path}"
-        )
-    db = path / STORE_NAME
     try:
-        dst = db.lstat()
-    except FileNotFoundError:
-        return
-    if stat.S_ISREG(dst.st_mode) and dst.st_mode & 0o077:
-        raise CliError(
-            f"state file {db} is accessible by other users (mode {stat.S_IMODE(dst.st_mode):04o}); "
-            f"it holds private keys. Fix it with: chmod 600 {db}"
-        )
+        check_state_dir(path, create=False)
+        check_sqlite_files(path / STORE_NAME)
+    except MeshStateError as exc:
+        raise CliError(str(exc)) from None
 
 
 def load_identity(args: argparse.Namespace) -> Identity:

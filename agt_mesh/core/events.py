@@ -22,13 +22,19 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class MessageReceived:
-    """A message from ``peer``; ``payload`` is the decoded JSON value."""
+    """A message from ``peer``; ``payload`` is the decoded JSON value.
+
+    ``text`` is the payload's JSON text as received (already checked to be strict JSON),
+    so the shell stores it without serialising the value again; it is not part of
+    equality.
+    """
 
     peer: str
     payload: Any
     message_id: str
     plaintext: bool = False
     ts: str | None = None
+    text: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +112,8 @@ class ErrorEvent:
     """Something went wrong with an inbound frame; no session was harmed.
 
     ``kind`` is one of ``frame``, ``decrypt``, ``duplicate``, ``knock``, ``relay``,
-    ``session_desync``; ``peer`` is the claimed sender when known.
+    ``session_desync``, ``gap``, ``limit`` (a byte or count limit refused or dropped
+    something); ``peer`` is the claimed sender when known.
     """
 
     kind: str

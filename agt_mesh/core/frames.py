@@ -14,15 +14,15 @@ parse to :class:`UnknownFrame` so callers can ignore them.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from agt_mesh.core.encoding import b64_decode, b64_encode, compact_json
 from agt_mesh.core.identity import Identity
 from agt_mesh.core.ratchet import pack_header
+from agt_mesh.core.strict_json import loads_strict
 from agt_mesh.core.x3dh import Establishment
-from agt_mesh.errors import MalformedMessageError, MeshProtocolError
+from agt_mesh.errors import MalformedJsonError, MalformedMessageError, MeshProtocolError
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
@@ -327,21 +327,16 @@ Frame = (
 
 
 def decode_frame(text: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Any:
-    """Parse frame text into a JSON object, refusing oversized or over-nested input.
+    """Parse frame text into a JSON object: strict JSON (UTF-8, no NaN/Infinity, numbers
+    in range, at most :data:`~agt_mesh.core.strict_json.MAX_JSON_DEPTH` levels deep).
 
     Raises:
-        MeshProtocolError: if the text is too large, not JSON, or not a JSON object.
+        MeshProtocolError: (:class:`~agt_mesh.errors.MalformedJsonError`) if the text is
+            too large, not strict JSON, or not a JSON object.
     """
-    if len(text) > max_bytes:
-        raise MeshProtocolError(f"frame of {len(text)} bytes exceeds the {max_bytes}-byte limit")
-    try:
-        obj = json.loads(text)
-    except RecursionError:
-        raise MeshProtocolError("frame JSON is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MeshProtocolError(f"frame is not valid JSON: {type(exc).__name__}") from None
+    obj = loads_strict(text, max_bytes=max_bytes, what="frame")
     if not isinstance(obj, dict):
-        raise MeshProtocolError("frame is not a JSON object")
+        raise MalformedJsonError("frame is not a JSON object", reason="syntax")
     return obj
 
 

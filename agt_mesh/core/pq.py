@@ -41,7 +41,6 @@ from __future__ import annotations
 import enum
 import functools
 import hashlib
-import json
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -52,10 +51,12 @@ from agt_mesh.core import registry_codec
 from agt_mesh.core.encoding import b64_decode, b64_encode, b64url_decode, b64url_encode, compact_json
 from agt_mesh.core.identity import Identity
 from agt_mesh.core.primitives import KEY_LEN, RandomSource, ed25519_verify, hkdf_sha256, x25519, x25519_public
+from agt_mesh.core.strict_json import loads_strict
 from agt_mesh.core.x3dh import Establishment, OneTimePreKey, PreKeyBundle, PreKeyStore, SignedPreKey
 from agt_mesh.errors import (
     BundleVerificationError,
     DowngradeError,
+    MalformedJsonError,
     MeshConfigError,
     MeshProtocolError,
     MeshRegistryError,
@@ -593,9 +594,9 @@ def parse_advert(metadata: Any) -> SignedKemPreKey | None:
         raise MeshRegistryError(
             f"metadata {PQ_METADATA_KEY!r} must be a JSON string of at most {PQ_RECORD_TEXT_MAX} characters"
         )
-    try:
-        obj = json.loads(text)
-    except ValueError:
+    try:  # strict: a deep or NaN-laden entry (any agent writes its own metadata) is just refused
+        obj = loads_strict(text, max_bytes=PQ_RECORD_TEXT_MAX, what=f"metadata {PQ_METADATA_KEY!r}")
+    except MalformedJsonError:
         raise MeshRegistryError(f"metadata {PQ_METADATA_KEY!r} is not valid JSON") from None
     return SignedKemPreKey.from_json(obj, KemKeyKind.LAST_RESORT)
 

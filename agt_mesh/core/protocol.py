@@ -64,6 +64,7 @@ from agt_mesh.core.events import (
 from agt_mesh.core.primitives import RandomSource
 from agt_mesh.core.ratchet import DoubleRatchet
 from agt_mesh.core.session import Candidate, HeldMessage, PeerSession
+from agt_mesh.core.strict_json import MAX_JSON_DEPTH, depth_exceeds, loads_strict
 from agt_mesh.core.x3dh import (
     KdfProfile,
     PreKeyBundle,
@@ -76,6 +77,7 @@ from agt_mesh.errors import (
     BundleVerificationError,
     DecryptError,
     DuplicateMessageError,
+    MalformedJsonError,
     MeshConfigError,
     MeshCryptoError,
     MeshProtocolError,
@@ -88,8 +90,18 @@ __all__ = ["CONTROL_KEY", "MeshProtocol", "ProtocolConfig", "Step"]
 CONTROL_KEY = "agt_mesh_control"
 _RESYNC_PAYLOAD = {CONTROL_KEY: "resync"}
 _MAX_OUTBOX = 1000
+#: marks a payload that was refused (``None`` is a valid JSON value)
+_REFUSED: Any = object()
 _MAX_PENDING_KNOCKS = 1000
 _MAX_AWAITING_VERDICT = 1000
+#: Largest KNOCK ``intent`` (compact JSON bytes) kept while its verdict is pending.  The
+#: TypeScript SDK sends ``{"action":"establish_session"}`` (32 bytes); 1,000 pending
+#: verdicts at this size hold at most 4 MiB, where a 16 MiB intent each would be 16 GiB.
+MAX_INTENT_BYTES = 4096
+#: Bookkeeping bytes counted per buffered frame besides its ciphertext (ids, DIDs,
+#: header), so a flood of empty frames is bounded by the byte limits too.
+_FRAME_OVERHEAD = 512
+MiB = 1024 * 1024
 #: unconfirmed messages kept for a peer that has not (yet) shown it sends receipts
 _UNPROVEN_WINDOW = 200
 
@@ -125,6 +137,21 @@ class ProtocolConfig:
     reorder_timeout: float = 30.0
     #: messages held back per peer; beyond this the oldest gap is given up
     max_held: int = 1000
+    #: payload bytes held back per peer; beyond this the oldest gap is given up.  One
+    #: maximal message fits (a smaller bound would give up the order of large messages
+    #: whenever one is lost); held messages are part of the session state, rewritten at
+    #: every commit for the peer, so this also bounds what one commit writes.
+    max_held_bytes: int = 16 * MiB
+    #: largest decrypted (or plaintext) payload accepted: the relays' own frame limit
+    max_payload_bytes: int = fr.DEFAULT_MAX_FRAME_BYTES
+    #: bytes of frames one peer may have waiting in the pre-KNOCK buffer (no session
+    #: yet, or its KNOCK verdict is pending): one maximal frame fits; beyond it the
+    #: peer's oldest waiting frame is dropped
+    pre_knock_peer_bytes: int = 16 * MiB
+    #: bytes of frames all peers together may have waiting there; beyond it the oldest
+    #: frame of the peer with the most bytes waiting is dropped (a flood from many DIDs
+    #: costs the biggest sender first, not the newcomer)
+    max_buffered_bytes: int = 32 * MiB
 
 
 @dataclass
@@ -191,6 +218,8 @@ class MeshProtocol:
         self._seen_ids: OrderedDict[str, None] = OrderedDict()
         self._seen_knocks: OrderedDict[str, None] = OrderedDict()
         self._buffer: OrderedDict[str, deque[tuple[fr.MessageFrame, float]]] = OrderedDict()
+        #: bytes waiting in ``_buffer`` per peer (kept in step with it by the _buf_* helpers)
+        self._buffer_bytes: dict[str, int] = {}
         self._pending_knocks: dict[str, _PendingKnock] = {}
         self._outbox: dict[str, deque[tuple[str, Any]]] = {}
         #: peers that confirm receipt of our messages (so unconfirmed ones are resent)
@@ -293,16 +322,24 @@ class MeshProtocol:
             return
         self._decrypt_into(session, f, now, random, step, from_buffer=False)
 
-    def _deliver_plaintext(self, f: fr.MessageFrame, step: Step) -> None:
+    def _parse_payload(self, data: str | bytes, f: fr.MessageFrame, what: str, step: Step, suffix: str = "") -> Any:
+        """Strict JSON of a payload, or ``_REFUSED`` after reporting why (per frame: a
+        hostile payload costs its own frame and nothing else)."""
         try:
-            payload = json.loads(f.ciphertext.decode("latin-1"))
-        except (ValueError, RecursionError):
-            step.acks.append(f.id)
-            step.events.append(ErrorEvent("decrypt", f.from_did, "plaintext payload is not JSON", f.id))
+            return loads_strict(data, max_bytes=self.config.max_payload_bytes, what=what)
+        except MalformedJsonError as exc:
+            detail = f"{what} is not JSON" if exc.reason in ("syntax", "utf8") else str(exc)
+            step.events.append(ErrorEvent("decrypt", f.from_did, detail + suffix, f.id))
+            return _REFUSED
+
+    def _deliver_plaintext(self, f: fr.MessageFrame, step: Step) -> None:
+        text = f.ciphertext.decode("latin-1")
+        payload = self._parse_payload(text, f, "plaintext payload", step)
+        step.acks.append(f.id)
+        if payload is _REFUSED:
             return
         self._remember_id(f.id, step)
-        step.acks.append(f.id)
-        step.events.append(MessageReceived(f.from_did, payload, f.id, plaintext=True, ts=f.ts))
+        step.events.append(MessageReceived(f.from_did, payload, f.id, plaintext=True, ts=f.ts, text=text))
 
     def _decrypt_into(
         self,
@@ -353,17 +390,20 @@ class MeshProtocol:
             self.e2e_verified.add(peer)
             step.events.append(E2EVerified(peer, len(self.e2e_verified) == 1))
         try:
-            payload = json.loads(out.plaintext)
-        except (ValueError, RecursionError):
-            step.events.append(ErrorEvent("decrypt", peer, "decrypted payload is not JSON — dropped", f.id))
+            text = out.plaintext.decode("utf-8")
+        except UnicodeDecodeError:
+            text = ""
+            payload = self._parse_payload(out.plaintext, f, "decrypted payload", step, " — dropped")
         else:
+            payload = self._parse_payload(text, f, "decrypted payload", step, " — dropped")
+        if payload is not _REFUSED:
             # a control payload (resync proof, receipts) is protocol business, not the app's
             if isinstance(payload, dict) and set(payload) == {CONTROL_KEY}:
                 self._on_control(peer, payload[CONTROL_KEY], step)
             elif ordered and f.seq is not None and self._ordering:
-                self._sequence(session, f.seq, f.id, payload, f.ts, now, step)
+                self._sequence(session, f.seq, f.id, payload, f.ts, now, step, text=text)
             else:
-                step.events.append(MessageReceived(peer, payload, f.id, plaintext=False, ts=f.ts))
+                step.events.append(MessageReceived(peer, payload, f.id, plaintext=False, ts=f.ts, text=text))
         self._want_receipt(f, now)
         if session.can_send:
             self._flush_outbox(peer, session, now, random, step)
@@ -389,16 +429,44 @@ class MeshProtocol:
 
     # -- pre-KNOCK buffer -----------------------------------------------------------
 
+    def _buf_take(self, peer: str) -> deque[tuple[fr.MessageFrame, float]] | None:
+        """Remove and return everything buffered for ``peer``."""
+        self._buffer_bytes.pop(peer, None)
+        return self._buffer.pop(peer, None)
+
+    def _buf_popleft(self, peer: str) -> fr.MessageFrame:
+        f, _ = self._buffer[peer].popleft()
+        self._buffer_bytes[peer] -= _frame_cost(f)
+        return f
+
+    def _buf_replace(self, peer: str, keep: deque[tuple[fr.MessageFrame, float]]) -> None:
+        if keep:
+            self._buffer[peer] = keep
+            self._buffer_bytes[peer] = sum(_frame_cost(f) for f, _ in keep)
+        else:
+            self._buf_take(peer)
+
+    def buffered_bytes(self, peer: str | None = None) -> int:
+        """Bytes of frames waiting in the pre-KNOCK buffer (for one peer, or all)."""
+        if peer is not None:
+            return self._buffer_bytes.get(peer, 0)
+        return sum(self._buffer_bytes.values())
+
     def _buffer_frame(self, f: fr.MessageFrame, now: float, step: Step) -> None:
         peer = f.from_did
         cfg = self.config
+        cost = _frame_cost(f)
         if cfg.pre_knock_buffer_size <= 0:
             self._give_up(f, "no session for encrypted message — dropping", step)
+            return
+        if cost > min(cfg.pre_knock_peer_bytes, cfg.max_buffered_bytes):
+            self._give_up(f, f"frame of {cost} bytes does not fit the pre-knock buffer — dropping", step)
             return
         queue = self._buffer.get(peer)
         if queue is None:
             if len(self._buffer) >= cfg.max_buffered_peers:
-                old_peer, old_queue = self._buffer.popitem(last=False)
+                old_peer = next(iter(self._buffer))
+                old_queue = self._buf_take(old_peer) or ()
                 step.events.append(
                     ErrorEvent(
                         "frame",
@@ -416,12 +484,28 @@ class MeshProtocol:
         # larger cap; otherwise the TypeScript SDK's 5-frame window applies.
         cap = _MAX_AWAITING_VERDICT if self._knock_pending_from(peer) else cfg.pre_knock_buffer_size
         if len(queue) >= cap:
-            oldest, _ = queue.popleft()
-            self._give_up(oldest, "pre-knock buffer full — oldest frame dropped", step)
+            self._give_up(self._buf_popleft(peer), "pre-knock buffer full — oldest frame dropped", step)
+        while queue and self._buffer_bytes.get(peer, 0) + cost > cfg.pre_knock_peer_bytes:
+            dropped = self._buf_popleft(peer)
+            self._give_up(
+                dropped,
+                f"pre-knock buffer full ({cfg.pre_knock_peer_bytes} bytes for this peer) — oldest frame dropped",
+                step,
+            )
+        while self.buffered_bytes() + cost > cfg.max_buffered_bytes:
+            # the sender with the most bytes waiting pays, not the newcomer
+            biggest = max(self._buffer_bytes, key=self._buffer_bytes.__getitem__)
+            dropped = self._buf_popleft(biggest)
+            if not self._buffer[biggest] and biggest != peer:
+                self._buf_take(biggest)
+            self._give_up(
+                dropped, f"pre-knock buffer full ({cfg.max_buffered_bytes} bytes in total) — oldest frame dropped", step
+            )
         queue.append((f, now + cfg.pre_knock_buffer_ttl))
+        self._buffer_bytes[peer] = self._buffer_bytes.get(peer, 0) + cost
 
     def _drain(self, peer: str, now: float, random: RandomSource, step: Step) -> None:
-        queue = self._buffer.pop(peer, None)
+        queue = self._buf_take(peer)
         session = self.sessions.get(peer)
         if not queue:
             return
@@ -459,10 +543,7 @@ class MeshProtocol:
                     self._decrypt_into(session, f, now, random, step, from_buffer=True)
                 else:
                     self._give_up(f, "no session for encrypted message (pre-knock buffer expired)", step)
-            if keep:
-                self._buffer[peer] = keep
-            else:
-                del self._buffer[peer]
+            self._buf_replace(peer, keep)
         return step
 
     def _knock_pending_from(self, peer: str) -> bool:
@@ -505,6 +586,14 @@ class MeshProtocol:
         if len(self._pending_knocks) >= _MAX_PENDING_KNOCKS:
             step.acks.append(f.id)
             step.events.append(ErrorEvent("knock", f.from_did, "too many KNOCKs awaiting a verdict — dropped", f.id))
+            return
+        if f.intent is not None and _json_size(f.intent) > MAX_INTENT_BYTES:
+            step.acks.append(f.id)
+            step.events.append(
+                ErrorEvent(
+                    "knock", f.from_did, f"KNOCK intent is not JSON of at most {MAX_INTENT_BYTES} bytes — dropped", f.id
+                )
+            )
             return
         glare = (
             session is not None
@@ -557,7 +646,7 @@ class MeshProtocol:
                 accept = False
         if not accept:
             step.frames.append(fr.knock_reject_frame(self.did, peer, self._new_id(), f.id, ts, "policy_denied"))
-            queue = self._buffer.pop(peer, None)
+            queue = self._buf_take(peer)
             for bf, _ in queue or ():
                 step.acks.append(bf.id)
             return step
@@ -708,9 +797,16 @@ class MeshProtocol:
         """
         mid = message_id or self._new_id()
         try:
-            compact_json(payload)
-        except (TypeError, ValueError):
+            text = compact_json(payload)
+        except (TypeError, ValueError, RecursionError):
             raise MeshConfigError("payload must be a JSON-serialisable value") from None
+        # never send what a receiver refuses (strict JSON limits, see loads_strict)
+        if len(text) > self.config.max_payload_bytes:
+            raise MeshConfigError(
+                f"payload of {len(text)} bytes exceeds the {self.config.max_payload_bytes}-byte limit"
+            )
+        if text.count("[") + text.count("{") > MAX_JSON_DEPTH and depth_exceeds(payload, MAX_JSON_DEPTH):
+            raise MeshConfigError(f"payload nests deeper than {MAX_JSON_DEPTH} levels")
         step = Step()
         pending = self._unconfirmed.get(peer)
         if message_id is not None and pending is not None and message_id in pending:
@@ -792,28 +888,34 @@ class MeshProtocol:
         step: Step,
         *,
         slot: bool = False,
+        text: str | None = None,
     ) -> None:
         """Deliver (or hold) the message with sequence number ``seq``; with ``slot`` (a
-        duplicate of a message already handled) just mark its number taken."""
+        duplicate of a message already handled) just mark its number taken.  ``text`` is
+        the payload's JSON text as received."""
         peer = session.peer
         # not ordered: ordering is off, or the number is late (its gap was given up) or
         # taken (a rewritten number) — deliver at once, never drop a message
         ordered = self._ordering and _seq_open(session, seq)
         if not ordered or seq == session.recv_seq + 1:
             if not slot:
-                step.events.append(MessageReceived(peer, payload, mid, plaintext=False, ts=ts))
+                step.events.append(MessageReceived(peer, payload, mid, plaintext=False, ts=ts, text=text))
             if ordered:
                 session.recv_seq = seq
                 step.changed.add(peer)
                 self._release_ready(session, step)
             return
-        held = HeldMessage(seq, mid, None if slot else compact_json(payload), ts, now)
+        body = None if slot else (text if text is not None else compact_json(payload))
+        held = HeldMessage(seq, mid, body, ts, now)
         index = next((i for i, h in enumerate(session.held) if h.seq > seq), len(session.held))
         session.held.insert(index, held)
         step.changed.add(peer)
         self._holding.add(peer)
-        while len(session.held) > self.config.max_held:
-            self._skip_gap(session, step, f"more than {self.config.max_held} messages held back")
+        cfg = self.config
+        while len(session.held) > cfg.max_held:
+            self._skip_gap(session, step, f"more than {cfg.max_held} messages held back")
+        while session.held and sum(len(h.payload or "") for h in session.held) > cfg.max_held_bytes:
+            self._skip_gap(session, step, f"more than {cfg.max_held_bytes} bytes held back")
 
     def _release_ready(self, session: PeerSession, step: Step) -> None:
         """Deliver held messages that no longer wait for anything."""
@@ -827,7 +929,8 @@ class MeshProtocol:
 
     def _deliver_held(self, peer: str, h: HeldMessage, step: Step) -> None:
         if h.payload is not None:
-            step.events.append(MessageReceived(peer, json.loads(h.payload), h.message_id, plaintext=False, ts=h.ts))
+            payload = json.loads(h.payload)  # checked to be strict JSON when it arrived
+            step.events.append(MessageReceived(peer, payload, h.message_id, plaintext=False, ts=h.ts, text=h.payload))
 
     def _skip_gap(self, session: PeerSession, step: Step, why: str) -> None:
         """Give up the gap before the first held message and deliver what follows it."""
@@ -1007,6 +1110,19 @@ class MeshProtocol:
         """Restore the de-duplication window."""
         for i in ids:
             self._remember_id(i)
+
+
+def _json_size(value: Any) -> int:
+    """Length of ``value`` as compact JSON; beyond any limit if it is not JSON."""
+    try:
+        return len(compact_json(value))
+    except (TypeError, ValueError, RecursionError):
+        return 1 << 62
+
+
+def _frame_cost(f: fr.MessageFrame) -> int:
+    """Bytes a buffered frame is counted for."""
+    return len(f.ciphertext) + _FRAME_OVERHEAD
 
 
 def _seq_open(session: PeerSession, seq: int) -> bool:

@@ -23,22 +23,26 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agt_mesh import __version__
 from agt_mesh.core import events as ev
 from agt_mesh.core import frames as fr
+from agt_mesh.core.encoding import compact_json
 from agt_mesh.core.identity import Identity
 from agt_mesh.core.primitives import RandomSource
 from agt_mesh.core.protocol import MeshProtocol, ProtocolConfig, Step
 from agt_mesh.core.x3dh import KdfProfile, OneTimePreKey, PreKeyStore
-from agt_mesh.errors import MeshConfigError, MeshError, MeshTransportError, PeerNotFoundError
+from agt_mesh.errors import MeshConfigError, MeshError, MeshProtocolError, MeshTransportError, PeerNotFoundError
 from agt_mesh.shell.identity_file import load_identity
-from agt_mesh.shell.inbox import InboundMessage, Inbox
+from agt_mesh.shell.inbound import FrameQueue, Health, Parking, frame_size, object_size
+from agt_mesh.shell.inbox import DEFAULT_INBOX_BYTES, DEFAULT_INBOX_SIZE, InboundMessage, Inbox
 from agt_mesh.shell.lock import WriterLock
 from agt_mesh.shell.registry import AgentRecord, RegistryClient
 from agt_mesh.shell.relay import RelayTransport
+from agt_mesh.shell.safefs import check_state_dir
 from agt_mesh.shell.store import PeerMeta, StateStore
 
 __all__ = ["MeshClient"]
@@ -52,8 +56,65 @@ DisconnectHook = Callable[[str, int | None], Awaitable[None] | None]
 VerifiedHook = Callable[[str, bool], Awaitable[None] | None]
 
 _DAY = 86400.0
-#: marks the end of inbound processing in the queue
-_STOP = "\x00stop"
+#: frames processed per commit under load
+_BATCH = 256
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Frames read from the relay and what processing them has produced so far."""
+
+    texts: list[str]
+    #: ``(frame, bytes, admitted)``: decoded frames and parked frames let back in
+    items: list[tuple[Any, int, bool]] = field(default_factory=list)
+    decoded: bool = False
+    #: items processed (the next is ``items[done]``)
+    done: int = 0
+    step: Step = field(default_factory=Step)
+    #: per sender: messages and bytes admitted to the inbox by this batch so far
+    admitted: dict[str, list[int]] = field(default_factory=dict)
+    #: the step is being committed and delivered
+    applying: bool = False
+    #: the final batch at shutdown
+    last: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Malformed:
+    """A frame text that could not be decoded (reported, never processed)."""
+
+    detail: str
+
+
+def _message_sender(obj: Any) -> str | None:
+    """The claimed sender of a ``message`` frame (what the inbox share is counted for)."""
+    if isinstance(obj, dict) and obj.get("type") == "message":
+        sender = obj.get("from")
+        if isinstance(sender, str):
+            return sender
+    return None
+
+
+def _frame_id(obj: Any) -> str | None:
+    fid = obj.get("id") if isinstance(obj, dict) else None
+    return fid if isinstance(fid, str) else None
+
+
+def _internal_error(obj: Any, exc: Exception) -> ev.ErrorEvent:
+    peer = obj.get("from") if isinstance(obj, dict) and isinstance(obj.get("from"), str) else None
+    return ev.ErrorEvent(
+        "internal", peer, f"internal error, frame dropped: {type(exc).__name__}: {exc}", _frame_id(obj)
+    )
+
+
+def _parking_full(peer: str, obj: Any) -> ev.ErrorEvent:
+    return ev.ErrorEvent(
+        "limit",
+        peer,
+        "peer is over its inbox share and its set-aside frames are at their byte limit: frame dropped "
+        "unacknowledged (a relay that stored it delivers it again; an agt_mesh sender re-sends it)",
+        _frame_id(obj),
+    )
 
 
 def _token_source(value: str | Callable[[], str | None] | None) -> Callable[[], str | None] | None:
@@ -104,7 +165,10 @@ class MeshClient:
         signed_prekey_rotation / signed_prekey_retention: seconds (7 and 14 days).
         heartbeat_interval: relay heartbeat period (30 s).
         connect_timeout: how long ``connect()`` may take against an unreachable relay.
-        inbox_size: bound of the inbox; when full, reading from the relay pauses.
+        inbox_size / inbox_bytes: bounds of the inbox (10,000 messages, 64 MiB of payload
+            JSON).  Each sender gets a fair share; a sender over it has its further
+            frames set aside (unacknowledged) until the application reads — other
+            senders' messages keep arriving.
         receipt_timeout: re-send a message an ``agt_mesh`` peer has not confirmed after
             this many seconds (10 s).
         reorder_timeout: hold an ``agt_mesh`` peer's message back at most this long while an
@@ -139,7 +203,8 @@ class MeshClient:
         registry_timeout: float = 10.0,
         send_timeout: float = 30.0,
         reconnect: bool = True,
-        inbox_size: int = 10_000,
+        inbox_size: int = DEFAULT_INBOX_SIZE,
+        inbox_bytes: int = DEFAULT_INBOX_BYTES,
         durable: bool = True,
         synchronous: str = "NORMAL",
         knock_timeout: float = 10.0,
@@ -153,9 +218,11 @@ class MeshClient:
             self._identity_path: Path | None = None
         else:
             self._identity_path = Path(identity)
-            self.identity = load_identity(self._identity_path)
             if state_dir is None:
                 state_dir = self._identity_path.parent
+            if Path(state_dir).exists():  # before anything in it is opened
+                check_state_dir(state_dir, create=False)
+            self.identity = load_identity(self._identity_path)
         if registration not in ("auto", "pop", "legacy"):
             raise MeshConfigError("registration must be 'auto', 'pop' or 'legacy'")
         self.relay_url = relay_url
@@ -207,7 +274,8 @@ class MeshClient:
         for peer, prof in (peer_profiles or {}).items():
             self.protocol.profile_overrides[peer] = KdfProfile.parse(prof)
         self.protocol.plaintext_peers.update(plaintext_peers)
-        self.inbox = Inbox(inbox_size)
+        self.inbox = Inbox(inbox_size, inbox_bytes)
+        self.inbox.on_removed = self._on_inbox_space
         self._policy = policy
         self._message_hooks: list[MessageHook] = []
         self._error_hooks: list[ErrorHook] = []
@@ -222,8 +290,17 @@ class MeshClient:
         self._registered = False
         #: optional tap called with every frame sent to the relay (diagnostics, demos)
         self.frame_tap: Callable[[dict[str, Any]], None] | None = None
-        self._inbound: asyncio.Queue[str] = asyncio.Queue(maxsize=1024)
+        self._inbound = FrameQueue()
+        self._parking = Parking()
         self._processor: asyncio.Task[None] | None = None
+        #: the inbound batch in progress (resumed by a restarted processing task)
+        self._batch: _Batch | None = None
+        self._closing = False
+        #: why committing received state fails right now (the receive path waits)
+        self._stalled: str | None = None
+        self._restarting = False
+        self._restarts = 0
+        self._internal_errors = 0
         self._replenishing = False
         self.uploaded_otks = 0
         #: first id of the last published one-time pre-key batch
@@ -243,6 +320,39 @@ class MeshClient:
         return self._transport is not None and self._transport.is_connected
 
     @property
+    def health(self) -> Health:
+        """Whether messages are being received, not just whether the socket is open.
+
+        ``health.ok`` is false while committing to the state store fails (``inbound ==
+        "stalled"``), while the processing task restarts after a failure, and when it is
+        not running at all; the counters show what the byte limits hold back.
+        """
+        proc = self._processor
+        if proc is None or proc.done():
+            inbound, detail = "stopped", None
+        elif self._restarting:
+            inbound, detail = "restarting", "the inbound processing task failed and is being restarted"
+        elif self._stalled is not None:
+            inbound, detail = "stalled", self._stalled
+        else:
+            inbound, detail = "running", None
+        return Health(
+            connected=self.is_connected,
+            inbound=inbound,
+            detail=detail,
+            restarts=self._restarts,
+            internal_errors=self._internal_errors,
+            queued_frames=len(self._inbound),
+            queued_bytes=self._inbound.bytes,
+            parked_frames=len(self._parking),
+            parked_bytes=self._parking.bytes,
+            parked_dropped=self._parking.dropped,
+            buffered_bytes=self.protocol.buffered_bytes(),
+            inbox_messages=len(self.inbox),
+            inbox_bytes=self.inbox.bytes,
+        )
+
+    @property
     def registry(self) -> RegistryClient:
         if self._registry is None:
             raise MeshTransportError("not connected: call connect() first")
@@ -255,7 +365,9 @@ class MeshClient:
     def on_message(self, hook: MessageHook) -> MessageHook:
         """Register ``hook(message)``, called for every message (usable as a decorator).
 
-        Messages also go to the inbox; consume them there (or ignore the inbox).
+        Messages also go to the inbox, which is bounded: an application that handles them
+        here should still empty it (``drain()``), or each sender's share fills up and its
+        further frames wait (see ``inbox_size``).
         """
         self._message_hooks.append(hook)
         return hook
@@ -266,7 +378,11 @@ class MeshClient:
         return policy
 
     def on_error(self, hook: ErrorHook) -> ErrorHook:
-        """Register ``hook(kind, peer, detail)`` for frame, decrypt, knock, relay and ws errors."""
+        """Register ``hook(kind, peer, detail)`` for problems: ``frame``, ``decrypt`` (including
+        payloads refused as not strict JSON), ``duplicate``, ``knock``, ``gap``, ``limit`` (a
+        byte limit held something back or dropped it unacknowledged), ``relay``, ``ws``,
+        ``store`` (commits fail; receiving is paused) and ``internal`` (an unexpected error,
+        contained to one frame or followed by a restart)."""
         self._error_hooks.append(hook)
         return hook
 
@@ -366,11 +482,17 @@ class MeshClient:
                     on_error=self._on_transport_error,
                 )
             self._transport.on_send = self.frame_tap
+            self._closing = False
             if self._processor is None or self._processor.done():
-                self._processor = asyncio.create_task(self._process_loop(), name="agt-mesh-inbound")
+                self._inbound.reset()
+                self._processor = asyncio.create_task(
+                    self._supervised("inbound processing", self._process_loop), name="agt-mesh-inbound"
+                )
             await self._transport.connect()
             if self._ticker is None or self._ticker.done():
-                self._ticker = asyncio.create_task(self._tick_loop(), name="agt-mesh-tick")
+                self._ticker = asyncio.create_task(
+                    self._supervised("timer processing", self._tick_loop), name="agt-mesh-tick"
+                )
         except BaseException:
             await self._teardown()
             raise
@@ -393,9 +515,10 @@ class MeshClient:
                 await self._transport.close()
         # 2. process everything that was read; never cancel a batch half-way (its state
         #    could be ahead of what was committed)
+        self._closing = True
         if self._processor is not None:
             if not self._processor.done():
-                await self._inbound.put(_STOP)
+                self._inbound.stop()
                 try:
                     await asyncio.wait_for(asyncio.shield(self._processor), 30)
                 except (TimeoutError, Exception):
@@ -429,7 +552,17 @@ class MeshClient:
             self._lockfile.release()
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> None:
-        task = asyncio.ensure_future(coro)
+        async def contained() -> None:  # a failing background job is reported, never silent
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._internal_errors += 1
+                log.exception("%s failed", name)
+                await self._emit_error("internal", None, f"{name} failed: {type(exc).__name__}: {exc}")
+
+        task = asyncio.ensure_future(contained())
         task.set_name(name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -464,7 +597,7 @@ class MeshClient:
         known = {m.message_id for m in self.inbox.peek()}
         for msg in store.load_inbox():
             if msg.message_id not in known:
-                self.inbox.put_nowait(msg)
+                self.inbox.add(msg)  # all of it: each was acknowledged, none may be dropped
         self._loaded = True
 
     async def _ensure_prekeys(self, *, force_upload: bool = False) -> None:
@@ -513,43 +646,132 @@ class MeshClient:
     # ------------------------------------------------------------------------------
 
     async def _on_frame(self, text: str) -> None:
-        await self._inbound.put(text)  # bounded: a slow consumer slows the reader, nothing is dropped
+        # bounded in bytes: a slow consumer slows the socket reader, nothing is dropped
+        await self._inbound.put(text)
+
+    def _on_inbox_space(self) -> None:
+        if len(self._parking):
+            self._inbound.kick()  # a parked peer may fit its share again
+
+    async def _supervised(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
+        """Run ``body`` until it returns; restart it after an unexpected exception.
+
+        The receive path must outlive any bug: a failure is logged, counted in
+        :attr:`health` and reported through ``on_error`` (kind ``internal``), and the
+        task starts again after a short pause (0.1 s doubling to 5 s).
+        """
+        delay = 0.1
+        while True:
+            try:
+                await body()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._closing:
+                    raise
+                self._restarts += 1
+                self._restarting = True
+                log.exception("%s failed; restarting it", name)
+                detail = f"{name} failed and was restarted: {type(exc).__name__}: {exc}"
+                await self._emit_error("internal", None, detail)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                self._restarting = False
 
     async def _process_loop(self) -> None:
-        """Process inbound frames in batches until the stop marker is read."""
+        """Process inbound frames in batches until the queue is stopped.
+
+        The batch in progress lives on the client (``_batch``), with how far it got, so a
+        task restarted by the supervisor resumes it: no frame that was read is lost, and
+        none is processed twice (the frame that was being processed when the task failed
+        is the one skipped).  A batch whose delivery had begun is not delivered again.
+        """
         while True:
-            first = await self._inbound.get()
-            if first is _STOP:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < 256 and not self._inbound.empty():
-                item = self._inbound.get_nowait()
-                if item is _STOP:
-                    stop = True
-                    break
-                batch.append(item)
-            await self._process_batch(batch)
-            if stop:
+            batch = self._batch
+            if batch is None:
+                try:
+                    texts = await self._inbound.get(_BATCH)
+                except EOFError:
+                    # shutting down: what was set aside is processed too (committed to the
+                    # durable inbox), since AGT relays do not deliver a frame twice
+                    batch = _Batch([], [(obj, 0, True) for obj in self._parking.take_all()], decoded=True, last=True)
+                else:
+                    batch = _Batch(texts or [])
+                self._batch = batch
+            if batch.applying:
+                log.warning("dropping the delivery of a batch interrupted by a failure (it was committed)")
+            else:
+                if not batch.decoded:
+                    batch.items.extend(self._unparked())
+                    decoded = [item for text in batch.texts for item in self._decode(text)]
+                    batch.items.extend(decoded)
+                    batch.decoded = True
+                if batch.items:
+                    await self._process_batch(batch)
+            self._batch = None
+            if batch.last:
                 return
 
-    async def _process_batch(self, batch: list[str]) -> None:
-        """Process a batch of frames with one commit, then send the acks."""
-        step = Step()
+    def _decode(self, text: str) -> list[tuple[Any, int, bool]]:
+        """``(frame, bytes, admitted)`` items of one frame text (a relay's
+        ``pending_messages`` batch becomes one item per stored frame)."""
+        try:
+            obj = fr.decode_frame(text, max_bytes=fr.DEFAULT_MAX_FRAME_BYTES)
+        except MeshProtocolError as exc:
+            return [(_Malformed(f"dropping malformed frame: {exc}"), 0, False)]
+        entries = obj.get("messages")
+        if obj.get("type") == "pending_messages" and isinstance(entries, list):
+            return [(e, object_size(e), False) for e in entries]
+        return [(obj, frame_size(text), False)]
+
+    def _unparked(self) -> list[tuple[Any, int, bool]]:
+        """Parked frames whose peer is back within its inbox share (admitted)."""
+        out: list[tuple[Any, int, bool]] = []
+        for peer in self._parking.peers():
+            count = size = 0
+            while (head := self._parking.head(peer)) is not None and self.inbox.admits(peer, count, size):
+                out.append((self._parking.pop(peer), head[1], True))
+                count, size = count + 1, size + head[1]
+        return out
+
+    async def _process_batch(self, batch: _Batch) -> None:
+        """Process a batch's frames with one commit, then send the acks.
+
+        A ``message`` frame from a peer that has its fair share of the inbox waiting is
+        set aside (parked) instead, unacknowledged, until the application reads.  Each
+        frame is processed on its own: an exception costs that frame only.
+        """
+        step = batch.step
         async with self._lock:
-            for text in batch:
+            while batch.done < len(batch.items):
+                obj, size, ok = batch.items[batch.done]
+                batch.done += 1  # before processing: a frame that brings the task down is not retried
+                if isinstance(obj, _Malformed):
+                    step.events.append(ev.ErrorEvent("frame", None, obj.detail))
+                    continue
+                peer = _message_sender(obj)
+                if peer is not None:
+                    extra = batch.admitted.setdefault(peer, [0, 0])
+                    if not ok and (peer in self._parking or not self.inbox.admits(peer, *extra)):
+                        for who, dropped in self._parking.park(peer, obj, size):
+                            step.events.append(_parking_full(who, dropped))
+                        continue
+                    extra[0] += 1
+                    extra[1] += size
                 try:
-                    step.extend(
-                        self.protocol.receive_text(
-                            text, self._clock(), self._random, max_bytes=fr.DEFAULT_MAX_FRAME_BYTES
-                        )
-                    )
-                except Exception as exc:  # a protocol bug must not stop inbound processing
+                    step.extend(self.protocol.receive(obj, self._clock(), self._random))
+                except Exception as exc:  # a bug must cost one frame, never the receive path
+                    self._internal_errors += 1
                     log.exception("inbound frame processing failed")
-                    step.events.append(ev.ErrorEvent("frame", None, f"internal error, frame dropped: {exc!r}"))
+                    step.events.append(_internal_error(obj, exc))
+                    fid = _frame_id(obj)
+                    if fid is not None and obj.get("type") in ("message", "knock"):
+                        step.acks.append(fid)  # it can never be processed: stop redelivery
+        batch.applying = True
         await self._apply(step)
 
-    def _persist(self, step: Step, messages: list[InboundMessage]) -> None:
+    def _persist(self, step: Step, messages: list[InboundMessage], texts: list[str] | None = None) -> None:
         store = self.store
         if store is None:
             return
@@ -565,28 +787,84 @@ class MeshClient:
             sessions=sessions,
             peers=peers,
             inbox=messages,
+            inbox_json=texts,
             seen=step.seen,
             prekeys=self.prekeys,
             sent=step.sent,
             confirmed=step.confirmed,
         )
 
+    async def _commit(self, step: Step, messages: list[InboundMessage], texts: list[str]) -> None:
+        """Persist the step, retrying while the store fails.
+
+        Nothing of the step is sent, delivered or acknowledged before it is committed, so
+        a failing store stalls the receive path (reported by :attr:`health` and once
+        through ``on_error`` kind ``store``) instead of losing or duplicating messages.
+        """
+        delay = 0.05
+        while True:
+            try:
+                self._persist(step, messages, texts)
+            except Exception as exc:
+                if self._closing:
+                    raise
+                if self._stalled is None:
+                    log.warning("cannot commit received state; retrying: %s", exc)
+                    self._stalled = f"state store commit failing: {type(exc).__name__}: {exc}"
+                    await self._emit_error("store", None, f"{self._stalled}; receiving is paused until it works")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if self._stalled is not None:
+                log.warning("state store commits work again; receiving resumed")
+                self._stalled = None
+            return
+
+    def _inbox_rows(self, step: Step) -> tuple[list[InboundMessage], list[str], set[int]]:
+        """The step's messages with their JSON text; indexes of those that cannot be kept."""
+        messages: list[InboundMessage] = []
+        texts: list[str] = []
+        refused: set[int] = set()
+        for i, e in enumerate(step.events):
+            if not isinstance(e, ev.MessageReceived):
+                continue
+            text = e.text
+            if text is None:
+                try:
+                    text = compact_json(e.payload)
+                except (TypeError, ValueError, RecursionError):
+                    refused.add(i)
+                    continue
+            name = self._names.get(e.peer)
+            messages.append(InboundMessage(e.peer, e.payload, e.message_id, self._clock(), e.plaintext, name))
+            texts.append(text)
+        return messages, texts, refused
+
     async def _apply(self, step: Step) -> None:
-        """Commit the step's state, send its frames, deliver its events, then acknowledge."""
-        messages = [
-            InboundMessage(e.peer, e.payload, e.message_id, self._clock(), e.plaintext, self._names.get(e.peer))
-            for e in step.events
-            if isinstance(e, ev.MessageReceived)
-        ]
-        self._persist(step, messages)
+        """Commit the step's state, send its frames, deliver its events, then acknowledge.
+
+        Every part after the commit is contained: a failing hook, event or send costs
+        that item only.
+        """
+        messages, texts, refused = self._inbox_rows(step)
+        await self._commit(step, messages, texts)
         for frame in step.frames:
             await self._send_frame(frame)
-        delivered = iter(messages)
-        for event in step.events:
-            if isinstance(event, ev.MessageReceived):
-                await self._deliver(next(delivered))
-            else:
-                await self._handle_event(event)
+        delivered = iter(zip(messages, texts, strict=True))
+        for i, event in enumerate(step.events):
+            try:
+                if isinstance(event, ev.MessageReceived):
+                    if i in refused:
+                        await self._emit_error("decrypt", event.peer, "payload cannot be stored as JSON — dropped")
+                    else:
+                        msg, text = next(delivered)
+                        await self._deliver(msg, len(text))
+                else:
+                    await self._handle_event(event)
+            except Exception as exc:  # pragma: no cover - every branch contains its own errors
+                self._internal_errors += 1
+                log.exception("event delivery failed")
+                await self._emit_error("internal", None, f"event delivery failed: {type(exc).__name__}: {exc}")
         for ack in step.ack_frames():
             await self._send_frame(ack)
         if (
@@ -605,9 +883,13 @@ class MeshClient:
             await transport.send(frame)
         except MeshTransportError as exc:
             log.debug("frame not sent: %s", exc)
+        except Exception:  # never let one unsendable frame stop the receive path
+            log.exception("frame not sent")
 
-    async def _deliver(self, msg: InboundMessage) -> None:
-        await self.inbox.put(msg)
+    async def _deliver(self, msg: InboundMessage, size: int | None = None) -> None:
+        # never waits: admission to the inbox was decided before the frame was processed
+        self.inbox.add(msg, size)
+        await self.inbox.notify()
         for hook in list(self._message_hooks):
             await self._call(hook, msg)
 

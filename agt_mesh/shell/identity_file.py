@@ -11,25 +11,19 @@ import contextlib
 import datetime as _dt
 import json
 import os
-import stat
 import tempfile
 from pathlib import Path
 
 from agt_mesh.core.identity import Identity
 from agt_mesh.errors import IdentityFileError
+from agt_mesh.shell import safefs
 
 __all__ = ["check_private_file", "load_identity", "save_identity"]
 
 
 def check_private_file(path: Path, st: os.stat_result, what: str = "identity file") -> None:
-    """Refuse a regular file whose mode lets group or others access it."""
-    if not stat.S_ISREG(st.st_mode):
-        raise IdentityFileError(f"{what} {path} is not a regular file")
-    if st.st_mode & 0o077:
-        raise IdentityFileError(
-            f"{what} {path} is accessible by other users (mode {stat.S_IMODE(st.st_mode):04o}); "
-            f"it holds a private key. Fix it with: chmod 600 {path}"
-        )
+    """Refuse anything but a regular file of ours that group and others cannot access."""
+    safefs.check_private_file(path, st, what, IdentityFileError)
 
 
 def load_identity(path: str | os.PathLike[str]) -> Identity:
@@ -41,13 +35,10 @@ def load_identity(path: str | os.PathLike[str]) -> Identity:
     """
     p = Path(path)
     try:
-        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        fd = safefs.open_private(p, os.O_RDONLY, what="identity file", error=IdentityFileError)
     except FileNotFoundError:
         raise IdentityFileError(f"no identity file at {p}; create one with: agt-mesh identity new --path {p}") from None
-    except OSError as exc:
-        raise IdentityFileError(f"cannot open identity file {p}: {exc.strerror}") from None
     try:
-        check_private_file(p, os.fstat(fd))
         with os.fdopen(fd, "rb", closefd=False) as fh:
             raw = fh.read(1 << 16)
     finally:

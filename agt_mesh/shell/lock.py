@@ -6,6 +6,10 @@ registry write a client takes an exclusive, non-blocking ``fcntl.flock`` on the 
 file and writes its PID into it; a second process fails at once with
 :class:`LockHeldError` naming the holder.  The lock is released on ``disconnect()`` and on
 every failure path of ``connect()``; the kernel releases it if the process dies.
+
+The state directory is checked (:func:`~agt_mesh.shell.safefs.check_state_dir`) before the
+lock file is created or opened, and the lock file is opened without following a symbolic
+link and checked to be ours before anything is written into it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 from pathlib import Path
 
 from agt_mesh.errors import MeshTransportError
+from agt_mesh.shell.safefs import check_state_dir, open_private
 
 __all__ = ["LOCK_NAME", "LockHeldError", "WriterLock"]
 
@@ -45,9 +50,15 @@ class WriterLock:
     def holder_pid(self) -> int | None:
         """The PID written by the current holder, if readable."""
         try:
-            text = self.path.read_text().strip()
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
         except OSError:
             return None
+        try:
+            text = os.read(fd, 32).decode("ascii", "replace").strip()
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
         return int(text) if text.isdigit() else None
 
     def acquire(self) -> None:
@@ -55,11 +66,13 @@ class WriterLock:
 
         Raises:
             LockHeldError: if another process holds it (the message names its PID).
+            MeshStateError: the state directory or the lock file is unsafe (see
+                :mod:`agt_mesh.shell.safefs`); nothing was created or written.
         """
         if self._fd is not None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        check_state_dir(self.path.parent)
+        fd = open_private(self.path, os.O_RDWR, create=True, what="lock file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

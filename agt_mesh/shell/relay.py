@@ -51,6 +51,9 @@ CLOSE_POP_FAILED = 4005
 CLOSE_SESSION_REPLACED = 4006
 
 FrameHandler = Callable[[str], Awaitable[None]]
+#: WebSocket frames websockets may buffer before it pauses reading the socket (its
+#: default is 16, i.e. up to 16 maximal frames = 256 MiB).
+_WS_MAX_QUEUE = 4
 
 
 class SessionReplacedError(MeshTransportError):
@@ -184,6 +187,13 @@ class RelayTransport:
             ws = await connect(
                 self.url,
                 max_size=self.max_frame_bytes,
+                # No permessage-deflate: with it a few hundred KB on the wire inflate to
+                # GiBs of frames (each up to max_size), and one socket read can hold many.
+                # Uncompressed, the bytes we buffer are the bytes that came over the wire.
+                compression=None,
+                # frames websockets buffers before it stops reading the socket (each at
+                # most max_size); our own queue behind it is bounded in bytes
+                max_queue=_WS_MAX_QUEUE,
                 open_timeout=None,
                 ping_interval=20,
                 ping_timeout=20,

@@ -28,7 +28,6 @@ import contextlib
 import json
 import os
 import sqlite3
-import stat
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from agt_mesh.core.session import PeerSession
 from agt_mesh.core.x3dh import KdfProfile, OneTimePreKey, PreKeyStore, SignedPreKey
 from agt_mesh.errors import MeshStateError
 from agt_mesh.shell.inbox import InboundMessage
+from agt_mesh.shell.safefs import check_sqlite_files, check_state_dir, open_private
 
 __all__ = ["SCHEMA_VERSION", "STORE_NAME", "PeerMeta", "StateStore", "check_state_dir"]
 
@@ -69,26 +69,6 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE peers ADD COLUMN receipts INTEGER NOT NULL DEFAULT 0;
     """,
 }
-
-
-def check_state_dir(path: Path, *, create: bool = True) -> None:
-    """Create ``path`` (0700) or check that group and others cannot write into it.
-
-    Raises:
-        MeshStateError: if it is not a directory or its permissions are unsafe.
-    """
-    if not path.exists():
-        if not create:
-            raise MeshStateError(f"state directory {path} does not exist")
-        path.mkdir(parents=True, mode=0o700)
-    st = path.stat()
-    if not stat.S_ISDIR(st.st_mode):
-        raise MeshStateError(f"state path {path} is not a directory")
-    if st.st_mode & 0o022:
-        raise MeshStateError(
-            f"state directory {path} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}); "
-            f"it holds private keys. Fix it with: chmod 700 {path}"
-        )
 
 
 @dataclass(slots=True)
@@ -125,21 +105,13 @@ class StateStore:
         """
         if self._db is not None:
             return self
+        # the directory first (nobody else can add or swap files in it afterwards), then
+        # the database and its side files, which SQLite opens by name
         check_state_dir(self.dir)
         created = False
-        if not self.path.exists():
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-            os.close(fd)
+        if not check_sqlite_files(self.path):
+            os.close(open_private(self.path, os.O_RDWR, create=True, exclusive=True))
             created = True
-        else:
-            st = self.path.lstat()
-            if not stat.S_ISREG(st.st_mode):
-                raise MeshStateError(f"state file {self.path} is not a regular file")
-            if st.st_mode & 0o077:
-                raise MeshStateError(
-                    f"state file {self.path} is accessible by other users (mode "
-                    f"{stat.S_IMODE(st.st_mode):04o}); it holds private keys. Fix it with: chmod 600 {self.path}"
-                )
         try:
             db = sqlite3.connect(self.path, isolation_level=None, timeout=5)
             db.execute("PRAGMA journal_mode=WAL")
@@ -174,10 +146,11 @@ class StateStore:
                 f"state store {self.path} belongs to {owner}, not to {self.did}; "
                 "use the matching identity or another --state-dir"
             )
-        for suffix in ("-wal", "-shm"):
-            side = Path(str(self.path) + suffix)
-            if side.exists():
-                os.chmod(side, 0o600)
+        try:
+            check_sqlite_files(self.path)  # SQLite creates its side files with the database's mode
+        except MeshStateError:
+            self.close()
+            raise
         return self
 
     def close(self) -> None:
@@ -317,12 +290,17 @@ class StateStore:
         sessions: dict[str, PeerSession | None] | None = None,
         peers: Iterable[PeerMeta] = (),
         inbox: Sequence[InboundMessage] = (),
+        inbox_json: Sequence[str] | None = None,
         seen: Sequence[str] = (),
         prekeys: PreKeyStore | None = None,
         sent: Sequence[tuple[str, str, dict[str, Any]]] = (),
         confirmed: Sequence[str] = (),
     ) -> None:
-        """Write everything one protocol step changed, atomically."""
+        """Write everything one protocol step changed, atomically.
+
+        ``inbox_json`` is each inbox message's payload as JSON text, when the caller has
+        it (the text as received, already checked): then no value is serialised again.
+        """
         now = time.time()
         with self.transaction():
             db = self.db
@@ -357,7 +335,8 @@ class StateStore:
             if confirmed:
                 db.executemany("DELETE FROM unconfirmed WHERE id=?", [(i,) for i in confirmed])
             if inbox:
-                self._insert_inbox([(m, compact_json(m.payload)) for m in inbox])
+                texts = inbox_json if inbox_json is not None else [compact_json(m.payload) for m in inbox]
+                self._insert_inbox(list(zip(inbox, texts, strict=True)))
             if seen:
                 db.executemany("INSERT OR IGNORE INTO seen_ids(id) VALUES (?)", [(i,) for i in seen])
                 last = db.execute("SELECT max(seq) FROM seen_ids").fetchone()[0] or 0
