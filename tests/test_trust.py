@@ -489,7 +489,7 @@ def named(tmp_path: Path) -> tuple[MeshClient, FakeRegistry]:
     me = identity("resolver")
     mesh = MeshClient(me, relay_url="http://127.0.0.1:9", registry_url="http://registry.test")
     mesh.store = StateStore(tmp_path / "state", did=me.did)
-    mesh.store.open()
+    mesh._load_state()
     mesh._registry = RegistryClient("http://registry.test", me, transport=httpx.MockTransport(reg.handler))
     return mesh, reg
 
@@ -541,6 +541,19 @@ async def test_a_claimant_we_have_a_key_for_shows_its_fingerprint(named: tuple[M
     mesh.protocol.restore_pin(KeyPin(bob, key, 1.0, "bundle"))
     claims = {c.did: c for c in await mesh.name_claims("bob")}
     assert claims[bob].fingerprint == fingerprint(bob, key) and claims[squatter].fingerprint is None
+
+
+async def test_bindings_made_before_the_store_is_loaded_become_durable(tmp_path: Path) -> None:
+    me = identity("early-binder")
+    mesh = MeshClient(me, relay_url="http://127.0.0.1:9", registry_url="http://127.0.0.1:9")
+    mesh.store = StateStore(tmp_path / "state", did=me.did)
+    mesh.bind_name("bob", fake_did(1))
+    with pytest.raises(Exception, match="connect"):
+        await mesh.trust_identity(fake_did(1), b"\x01" * 32)
+    mesh._load_state()
+    assert [(n.name, n.did, n.source) for n in mesh.store.load_names()] == [("bob", fake_did(1), "user")]
+    assert await mesh.resolve("bob") == fake_did(1)
+    mesh.store.close()
 
 
 async def test_trust_identity_by_fingerprint_or_key(named: tuple[MeshClient, FakeRegistry]) -> None:

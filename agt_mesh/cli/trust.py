@@ -98,7 +98,7 @@ def fingerprint(args: argparse.Namespace) -> int:
         ("peer", did + (f" ({local.name_of(did)})" if local.name_of(did) else "")),
         ("peer fingerprint", f"{pin.fingerprint}  (pinned {ago(pin.since)}, from its {pin.source})"),
         ("our fingerprint", ours),
-        ("safety number", " ".join(sn[:6]) + "\n" + " " * 17 + " ".join(sn[6:])),
+        ("safety number", " ".join(sn[:6]) + "\n" + " " * 18 + " ".join(sn[6:])),
     ]
     if offered is not None:
         rows.append(

@@ -785,6 +785,15 @@ class MeshProtocol:
         assert f.establishment is not None
         peer = f.from_did
         est = f.establishment
+        pin = self.pins.get(peer)
+        if pin is not None and not pin.same_key(est.initiator_identity_key):
+            # the pin changed while the verdict was pending (checked first in _on_knock)
+            raise IdentityChangedError(
+                f"the KNOCK's identity key is not the one pinned for {peer}",
+                did=peer,
+                pinned=pin.fingerprint,
+                offered=b64(est.initiator_identity_key),
+            )
         old = self.sessions.get(peer)
         pinned = old.peer_identity_key() if old is not None else None
         if pinned is not None and pinned != est.initiator_identity_key:

@@ -51,6 +51,7 @@ from agt_mesh.errors import (
     MeshConfigError,
     MeshError,
     MeshProtocolError,
+    MeshStateError,
     MeshTransportError,
     NameClaim,
     PeerNotFoundError,
@@ -606,8 +607,12 @@ class MeshClient:
             self._published_from = int(store.get_meta("otk_published_from") or 0)
         for stored_pin, offered in store.load_pins():
             self.protocol.restore_pin(stored_pin, offered)
+        early = dict(self._bindings)  # bound before connect(): made durable now
         for binding in store.load_names():
             self._bindings[binding.name] = binding
+        for name, binding in early.items():
+            self._bindings[name] = binding
+            store.bind_name(binding)
         own = self.identity.x25519_public
         unbound: list[str] = []
         new_pins: list[tuple[str, KeyPin | None, KeyPin | None]] = []
@@ -1069,7 +1074,10 @@ class MeshClient:
             self.store.bind_name(binding)
 
     def bind_name(self, name: str, did: str) -> None:
-        """Bind display name ``name`` to ``did`` (the user's decision; replaces a binding)."""
+        """Bind display name ``name`` to ``did`` (the user's decision; replaces a binding).
+
+        Durable in the state store (a binding made before :meth:`connect` is written then).
+        """
         if not isinstance(name, str) or not name or name.startswith("did:"):
             raise MeshConfigError("a display name must be a non-empty string that is not a DID")
         if not isinstance(did, str) or not did.startswith("did:"):
@@ -1151,6 +1159,8 @@ class MeshClient:
             MeshConfigError: ``key`` matches neither the offered key nor a valid key.
             IdentityBindingError: the key cannot belong to ``did`` (canonical DIDs).
         """
+        if self.store is not None and not self._loaded:
+            raise MeshStateError("trust_identity() needs the state store: call connect() first")
         raw = parse_identity_key(key)
         if raw is None:
             wanted = normalize_fingerprint(key) if isinstance(key, str) else None
