@@ -75,6 +75,11 @@ class RawPeer:
         r = await self.http.post(self.registry_url + "/v1/agents", json=body)
         return r.status_code
 
+    async def register_pop(self, name: str) -> int:
+        body = codec.register_body_pop(self.identity, fr.iso_timestamp(time.time()), [name], {"display_name": name})
+        r = await self.http.post(self.registry_url + "/v1/agents", json=body)
+        return r.status_code
+
     async def upload_prekeys(self, *, as_did: str | None = None) -> httpx.Response:
         """PUT our bundle under ``as_did`` (default our DID), authenticated as ourselves."""
         spk = self.prekeys.signed_pre_key

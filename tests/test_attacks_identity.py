@@ -192,13 +192,17 @@ async def test_bundle_swap_by_a_lying_registry(servers: ServerPair, home: Path, 
 
 
 async def test_bundle_overwrite_through_the_registry_api(servers: ServerPair, home: Path) -> None:
-    """Mallory PUTs her bundle under Bob's DID.  3.7.0 accepts it (no auth at all); the
-    client refuses the bundle.  AGT 5.0.0 and the dev registry refuse the PUT."""
+    """Mallory (registered, authenticated as herself) PUTs her bundle under Bob's DID.
+    3.7.0 accepts it (no auth at all); the client refuses the bundle.  AGT 5.0.0 and the
+    dev registry refuse the PUT (403 DID mismatch)."""
     bob, alice = await _agents(servers, home, "bob", "alice")
     mallory = RawPeer(servers.relay_url, servers.registry_url)
     try:
+        # a registered Mallory, authenticated as herself
         if servers.kind == "agt-3.7.0":
             assert (await mallory.register_legacy("mallory")) == 201
+        else:
+            assert (await mallory.register_pop("mallory")) == 201
         put = await mallory.upload_prekeys(as_did=bob.did)
         if servers.kind == "agt-3.7.0":
             assert put.status_code == 200, put.text
@@ -207,7 +211,7 @@ async def test_bundle_overwrite_through_the_registry_api(servers: ServerPair, ho
             assert err.value.key_dids == (mallory.did,)
             assert not [f for f in alice.sent if f.get("type") == "knock"]
         else:
-            assert put.status_code in (401, 403, 422), put.text
+            assert put.status_code == 403, put.text  # "DID mismatch": her auth is not Bob's
             await _exchange(alice, bob, "bundle-intact")
     finally:
         await mallory.close()

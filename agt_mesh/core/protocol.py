@@ -688,7 +688,7 @@ class MeshProtocol:
         return ErrorEvent(
             "identity_changed",
             peer,
-            f"{peer} presented another identity key ({b64(key)}, via {source}) than the one pinned for it "
+            f"{peer} presented another identity key ({_b64(key)}, via {source}) than the one pinned for it "
             f"(fingerprint {_cached_fingerprint(peer, pin.identity_key)}); refused. If the peer really has a "
             f"new key, compare fingerprints out of band (`agt-mesh peer fingerprint {peer}`) and accept it "
             f"with `agt-mesh peer trust {peer} --key FINGERPRINT` (MeshClient.trust_identity)",
@@ -792,7 +792,7 @@ class MeshProtocol:
                 f"the KNOCK's identity key is not the one pinned for {peer}",
                 did=peer,
                 pinned=pin.fingerprint,
-                offered=b64(est.initiator_identity_key),
+                offered=_b64(est.initiator_identity_key),
             )
         old = self.sessions.get(peer)
         pinned = old.peer_identity_key() if old is not None else None
@@ -1286,7 +1286,7 @@ def _frame_cost(f: fr.MessageFrame) -> int:
     return len(f.ciphertext) + _FRAME_OVERHEAD
 
 
-def b64(key: bytes) -> str:
+def _b64(key: bytes) -> str:
     return b64url_encode(key)
 
 
