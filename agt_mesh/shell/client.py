@@ -135,6 +135,8 @@ def _parking_full(peer: str, obj: Any) -> ev.ErrorEvent:
         "unacknowledged (a relay that stored it delivers it again; an agt_mesh sender re-sends it)",
         _frame_id(obj),
     )
+
+
 #: claimants of an ambiguous name looked up in detail (registered_at) for the error
 _CLAIM_DETAILS = 10
 
