@@ -8,6 +8,8 @@ flat on purpose, so callers can catch what they can act on::
     │   └── IdentityFileError    identity file missing, unsafe permissions, inconsistent
     ├── MeshCryptoError          a cryptographic check failed
     │   ├── BundleVerificationError   a peer's pre-key bundle is invalid or badly signed
+    │   ├── IdentityBindingError      a key does not belong to the DID that presents it
+    │   ├── IdentityChangedError      a pinned peer presents another identity key
     │   ├── PreKeyNotFoundError       a KNOCK names a one-time pre-key we do not hold
     │   ├── DowngradeError            a peer pinned as post-quantum would be set up without it
     │   └── DecryptError              an inbound message could not be decrypted
@@ -21,7 +23,8 @@ flat on purpose, so callers can catch what they can act on::
     ├── MeshTransportError       relay connection problems (timeouts, closes, the writer lock)
     ├── MeshAuthError            the relay or registry refused our credentials
     └── MeshRegistryError        the registry answered with an error
-        └── PeerNotFoundError    no such agent / no pre-key bundle
+        ├── PeerNotFoundError    no such agent / no pre-key bundle
+        └── AmbiguousNameError   several agents claim a display name nobody bound yet
 
 Messages never contain private key material.  Where the user can fix the problem, the
 message says how.
@@ -29,11 +32,17 @@ message says how.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 __all__ = [
+    "AmbiguousNameError",
     "BundleVerificationError",
     "DecryptError",
     "DowngradeError",
     "DuplicateMessageError",
+    "IdentityBindingError",
+    "IdentityChangedError",
     "IdentityFileError",
     "MalformedJsonError",
     "MalformedMessageError",
@@ -46,6 +55,7 @@ __all__ = [
     "MeshStateError",
     "MeshTransportError",
     "MessageAuthError",
+    "NameClaim",
     "PeerNotFoundError",
     "PreKeyNotFoundError",
     "TooManySkippedError",
@@ -70,6 +80,37 @@ class MeshCryptoError(MeshError):
 
 class BundleVerificationError(MeshCryptoError):
     """A peer's pre-key bundle failed validation (sizes or signed pre-key signature)."""
+
+
+class IdentityBindingError(MeshCryptoError):
+    """A key was presented for a DID it does not belong to.
+
+    A canonical ``did:mesh:`` DID is the hash of its Ed25519 key, so a bundle, record or
+    KNOCK whose key hashes to another DID is refused: the server or peer that offered it
+    is lying.  ``did`` is the DID that was claimed, ``key_dids`` the DID(s) the presented
+    key actually belongs to (two for an X25519 key, whose sign bit is lost).
+    """
+
+    def __init__(self, message: str, *, did: str, key_dids: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.did = did
+        self.key_dids = tuple(key_dids)
+
+
+class IdentityChangedError(MeshCryptoError):
+    """A peer whose identity key is pinned presented a different one.
+
+    Refused by default (as SSH's ``StrictHostKeyChecking`` does): accept the new key only
+    after comparing fingerprints out of band, with ``MeshClient.trust_identity`` or
+    ``agt-mesh peer trust DID --key FINGERPRINT``.  ``pinned`` and ``offered`` are the two
+    keys' fingerprints.
+    """
+
+    def __init__(self, message: str, *, did: str, pinned: str, offered: str) -> None:
+        super().__init__(message)
+        self.did = did
+        self.pinned = pinned
+        self.offered = offered
 
 
 class PreKeyNotFoundError(MeshCryptoError):
@@ -158,3 +199,28 @@ class MeshRegistryError(MeshError):
 
 class PeerNotFoundError(MeshRegistryError):
     """The registry has no such agent, or the agent published no pre-key bundle."""
+
+
+@dataclass(frozen=True, slots=True)
+class NameClaim:
+    """One agent claiming a display name (see :class:`AmbiguousNameError`)."""
+
+    did: str
+    #: the fingerprint of the identity key we pinned for it, None if we never saw its key
+    fingerprint: str | None
+    registered_at: str | None
+    last_seen: str | None
+
+
+class AmbiguousNameError(MeshRegistryError):
+    """More than one agent claims a display name, and none is bound to it locally.
+
+    Display names are claims anyone can make: address the peer by DID, or bind the name
+    to one DID (``MeshClient.bind_name``, ``agt-mesh peer bind NAME DID``).  ``claims``
+    lists the candidates.
+    """
+
+    def __init__(self, message: str, *, name: str, claims: Sequence[NameClaim]) -> None:
+        super().__init__(message)
+        self.name = name
+        self.claims = tuple(claims)

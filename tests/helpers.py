@@ -139,9 +139,25 @@ def wire(frame: Any) -> Any:
     return json.loads(json.dumps(frame))
 
 
+#: identities behind :func:`fake_did` DIDs, by DID
+_FAKE_IDENTITIES: dict[str, Identity] = {}
+
+
 def fake_did(i: int) -> str:
-    """A well-formed ``did:mesh:`` DID that belongs to nobody."""
-    return f"did:mesh:{i:032x}"
+    """The canonical DID of stranger number ``i`` (an identity no test agent runs).
+
+    Its key is real (:func:`fake_key`), so a KNOCK made with it passes the identity
+    binding, as an attacker's own fresh identities would.
+    """
+    ident = identity(f"fake/{i}")
+    _FAKE_IDENTITIES[ident.did] = ident
+    return ident.did
+
+
+def fake_key(did: str) -> bytes | None:
+    """The X25519 identity key of a :func:`fake_did` DID (None for other DIDs)."""
+    ident = _FAKE_IDENTITIES.get(did)
+    return ident.x25519_public if ident is not None else None
 
 
 class Agent:

@@ -780,7 +780,9 @@ async def test_pre_knock_buffer_is_bounded_in_bytes(mesh: DevMesh, tmp_path: Pat
                     "ts": _ts(),
                     "intent": {"action": "establish_session"},
                     "establishment": {
-                        "ik": base64.b64encode(os.urandom(32)).decode(),
+                        # its own identity key: a KNOCK whose key is not the sender's is
+                        # refused before any verdict is pending (identity binding)
+                        "ik": base64.b64encode(attacker.x25519_public).decode(),
                         "ek": base64.b64encode(os.urandom(32)).decode(),
                     },
                 }

@@ -59,7 +59,7 @@ SESSION_KEYS = {
     "knock_id",
     "candidates",
     "has_previous",
-    "consecutive_failures",
+    "peer_fingerprint",
     "last_activity",
     "peer_identity_key",
     "ratchet",
@@ -181,17 +181,28 @@ def test_messaging_commands(dev: ServerPair, tmp_path: Path) -> None:
 
     # discover and peer
     found = ok("discover", alice, "--json", *ub).json()
-    assert found["capability"] == alice
+    assert found["capability"] == alice and found["claimants"] == 1
+    assert found["bound"] == did_a  # bob's `send --to alice` above bound the name
     (record,) = found["results"]
-    assert set(record) == {"did", "display_name", "capabilities", "last_seen", "reputation_score", "metadata"}
-    assert record["did"] == did_a and alice in record["capabilities"]
+    assert set(record) == {
+        "did",
+        "display_name",
+        "capabilities",
+        "last_seen",
+        "reputation_score",
+        "metadata",
+        "claims_name",
+        "bound",
+    }
+    assert record["did"] == did_a and alice in record["capabilities"] and record["claims_name"] and record["bound"]
     assert did_a in ok("discover", alice, *ub).out
     nobody = ok("discover", unique("nobody"), *ub)
     assert nobody.out == "" and "no agent" in nobody.err
 
     peer = ok("peer", alice, "--json", *ub).json()
-    assert set(peer) == {"did", "display_name", "registry", "local", "session"}
+    assert set(peer) == {"did", "display_name", "registry", "local", "session", "fingerprint"}
     assert peer["did"] == did_a and peer["registry"]["did"] == did_a
+    assert len(peer["fingerprint"].split()) == 6
     assert peer["session"]["status"] == "established" and peer["local"]["e2e_verified"] is True
     text = ok("peer", did_a, *ub).out
     assert "registered" in text and "established" in text
@@ -285,6 +296,11 @@ def test_decode_with_identity_never_advances_state(dev: ServerPair, tmp_path: Pa
     decoded = ok("decode", "-", "--identity", "--json", *ua, input=frames.read_text()).json_lines()
     assert decoded[0]["establishment"]["otk"] == 0
     assert any("still hold one-time pre-key #0" in n for n in decoded[0]["notes"])
+    assert any("belongs to the sender" in n for n in decoded[0]["notes"])
+    # the same KNOCK with someone else's identity key in it: a forged `from`
+    forged = dict(knock, establishment={**knock["establishment"], "ik": first["header"]["dh"]})
+    notes = ok("decode", json.dumps(forged), "--json").json()["notes"]
+    assert any("NOT the sender's" in n for n in notes), notes
     assert decoded[1]["decrypted"]["ok"] is False and "no session" in decoded[1]["decrypted"]["error"]
 
     # alice fetches them

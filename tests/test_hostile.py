@@ -256,7 +256,9 @@ async def test_replayed_knock_and_messages(open_victims: Victims) -> None:
 # ----------------------------------------------------------------------------------
 
 
-def _knock(from_did: str, to_did: str) -> dict[str, Any]:
+def _knock(from_did: str, to_did: str, ik: bytes | None = None) -> dict[str, Any]:
+    """A KNOCK with a fresh ephemeral key; ``ik`` the sender's identity key (a random key
+    does not belong to ``from_did`` and is refused before the policy is asked)."""
     return {
         "v": 1,
         "type": "knock",
@@ -265,7 +267,7 @@ def _knock(from_did: str, to_did: str) -> dict[str, Any]:
         "id": str(uuid.uuid4()),
         "ts": _ts(),
         "intent": {"action": "chat"},
-        "establishment": {"ik": _b64(32), "ek": _b64(32)},
+        "establishment": {"ik": base64.b64encode(ik).decode() if ik else _b64(32), "ek": _b64(32)},
     }
 
 
@@ -273,7 +275,7 @@ async def test_knock_flood_from_one_peer_keeps_candidates_bounded(victims: Victi
     v = victims
     async with Attacker(v.mesh) as m:
         for _ in range(200):
-            await m.send(_knock(m.did, v.b.did))
+            await m.send(_knock(m.did, v.b.did, m.identity.x25519_public))
         await _settle(1.0)
         sess = v.b.protocol.sessions.get(m.did)
         assert sess is None or len(sess.candidates) <= MAX_CANDIDATES
@@ -294,8 +296,8 @@ async def test_knock_flood_from_many_spoofed_dids_is_bounded(open_mesh: DevMesh)
         v.b.on_knock(slow_policy)
         async with Attacker(open_mesh) as m:
             for i in range(3000):
-                did = "did:mesh:" + hashlib.sha256(f"sybil-{i}".encode()).hexdigest()[:32]
-                await m.send(_knock(did, v.b.did))
+                sybil = Identity(hashlib.sha256(f"sybil-{i}".encode()).digest())  # fresh identities cost nothing
+                await m.send(_knock(sybil.did, v.b.did, sybil.x25519_public))
             await _settle(2.0)
             proto = v.b.protocol
             assert len(proto._pending_knocks) <= max(_MAX_PENDING_KNOCKS, _MAX_AWAITING_VERDICT)

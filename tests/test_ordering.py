@@ -228,19 +228,24 @@ def test_re_establishing_ourselves_and_resetting_release_held_messages() -> None
     assert received(reset) == [2] and reset.changed == {a2.did}
 
 
-def test_a_desync_releases_held_messages_before_the_session_goes() -> None:
+def test_undecryptable_frames_leave_held_messages_and_the_session_alone() -> None:
+    """Forged frames cost no state: what the session holds back stays held, in order."""
     net = Net()
     a, b = _pair(net)
     f = [a.send_frame(b, i) for i in range(3)]
     net.route([f[0], f[2]])
+    net.advance(1)
+    net.route(b.tick().frames)  # the receipts for f[0] and f[2] (they advance b's sending chain)
+    before = b.session(a).to_bytes()
     out: list[Any] = []
-    for k in range(3):
+    for k in range(5):
         junk = dict(a.send_frame(b, "junk"), id=f"junk-{k}", ciphertext="AAAA" * 20)
         step = b.receive(junk)
         out += received(step)
         net.advance(4)
         out += received(b.tick())
-    assert out == [2] and a.did not in b.proto.sessions
+    assert out == [] and b.session(a).to_bytes() == before and b.proto.held_back() == 1
+    assert received(net.route([f[1]])[b.did]) == [1, 2]
 
 
 def test_no_ordering_without_receipts_or_with_timeout_zero() -> None:

@@ -84,6 +84,8 @@ def test_open_creates_a_private_store(tmp_path: Path) -> None:
         "sessions": 0,
         "peers": 0,
         "inbox": 0,
+        "pinned_keys": 0,
+        "names": 0,
         "one_time_prekeys": 0,
         "seen_ids": 0,
         "bytes": 0,

@@ -24,6 +24,7 @@ from agt_mesh.cli.errors import EXIT_IO, EXIT_USAGE, CliError
 if TYPE_CHECKING:
     from agt_mesh.core.identity import Identity
     from agt_mesh.core.session import PeerSession
+    from agt_mesh.core.trust import KeyPin, NameBinding
     from agt_mesh.core.x3dh import PreKeyStore
     from agt_mesh.shell.client import MeshClient
     from agt_mesh.shell.store import PeerMeta, StateStore
@@ -451,7 +452,9 @@ def session_status(session: PeerSession) -> tuple[str, str]:
     return "accepted", "we accepted their KNOCK; waiting for their first message (we cannot send before it)"
 
 
-def session_info(session: PeerSession, meta: PeerMeta | None, inbox: int = 0) -> dict[str, Any]:
+def session_info(
+    session: PeerSession, meta: PeerMeta | None, inbox: int = 0, pin: KeyPin | None = None
+) -> dict[str, Any]:
     """The documented JSON view of a session — counters and flags, never key bytes."""
     from agt_mesh.core.encoding import b64url_encode
 
@@ -472,9 +475,9 @@ def session_info(session: PeerSession, meta: PeerMeta | None, inbox: int = 0) ->
         "knock_id": session.knock_id,
         "candidates": len(session.candidates),
         "has_previous": session.previous is not None,
-        "consecutive_failures": session.failures,
         "last_activity": session.last_activity or None,
         "peer_identity_key": b64url_encode(ik) if ik is not None else None,
+        "peer_fingerprint": pin.fingerprint if pin is not None else None,
         "ratchet": ratchet,
         "inbox": inbox,
         "sequence": {
@@ -488,10 +491,21 @@ def session_info(session: PeerSession, meta: PeerMeta | None, inbox: int = 0) ->
 class LocalState:
     """Everything the store says about sessions and peers (read once, store closed)."""
 
-    def __init__(self, sessions: list[PeerSession], peers: list[PeerMeta], inbox_by_peer: dict[str, int]) -> None:
+    def __init__(
+        self,
+        sessions: list[PeerSession],
+        peers: list[PeerMeta],
+        inbox_by_peer: dict[str, int],
+        pins: list[tuple[KeyPin, KeyPin | None]] | None = None,
+        names: list[NameBinding] | None = None,
+    ) -> None:
         self.sessions = {s.peer: s for s in sessions}
         self.peers = {p.did: p for p in peers}
         self.inbox_by_peer = inbox_by_peer
+        #: DID -> (pinned key, last refused key)
+        self.pins = {p.did: (p, o) for p, o in pins or ()}
+        #: display name -> binding
+        self.names = {n.name: n for n in names or ()}
 
     @classmethod
     def load(cls, args: argparse.Namespace, did: str) -> LocalState:
@@ -502,22 +516,36 @@ class LocalState:
             inbox: dict[str, int] = {}
             for msg in store.load_inbox():
                 inbox[msg.sender] = inbox.get(msg.sender, 0) + 1
-            return cls(store.load_sessions(), store.load_peers(), inbox)
+            return cls(store.load_sessions(), store.load_peers(), inbox, store.load_pins(), store.load_names())
         finally:
             store.close()
 
     def name_of(self, did: str) -> str | None:
+        for binding in self.names.values():
+            if binding.did == did:
+                return binding.name
         meta = self.peers.get(did)
-        return meta.display_name if meta else None
+        label = meta.display_name if meta else None
+        bound = self.names.get(label) if label else None
+        return label if bound is None or bound.did == did else None
+
+    def pin(self, did: str) -> KeyPin | None:
+        entry = self.pins.get(did)
+        return entry[0] if entry else None
 
     def info(self, did: str) -> dict[str, Any]:
-        return session_info(self.sessions[did], self.peers.get(did), self.inbox_by_peer.get(did, 0))
+        info = session_info(self.sessions[did], self.peers.get(did), self.inbox_by_peer.get(did, 0), self.pin(did))
+        info["peer_name"] = self.name_of(did)
+        return info
 
     def find(self, text: str) -> str:
-        """The DID of a session peer: exact DID, known display name, or unique DID prefix."""
+        """The DID of a session peer: exact DID, bound name, known display name, or unique DID prefix."""
         check_peer_arg(text)
         if text in self.sessions:
             return text
+        bound = self.names.get(text)
+        if bound is not None and bound.did in self.sessions:
+            return bound.did
         named = sorted({d for d, m in self.peers.items() if m.display_name == text and d in self.sessions})
         if len(named) == 1:
             return named[0]

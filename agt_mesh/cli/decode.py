@@ -273,6 +273,18 @@ def _knock(f: Any, data: dict[str, Any], ours: Ours | None) -> None:
         )
         + ")"
     )
+    from agt_mesh.core.identity import is_mesh_did
+    from agt_mesh.core.trust import dids_of_x25519, key_binds
+
+    if is_mesh_did(f.from_did):
+        if key_binds(f.from_did, est.initiator_identity_key):
+            data["notes"].append("initiator identity key belongs to the sender (its DID is the hash of that key)")
+        else:
+            owners = " or ".join(dids_of_x25519(est.initiator_identity_key)) or "no valid key"
+            data["notes"].append(
+                f"initiator identity key is NOT the sender's (it belongs to {owners}): a forged `from`, "
+                "refused before the policy is asked"
+            )
     if ours is None or f.to_did != ours.identity.did:
         if ours is not None:
             data["notes"].append(f"addressed to {f.to_did}, not to us")
@@ -283,6 +295,12 @@ def _knock(f: Any, data: dict[str, Any], ours: Ours | None) -> None:
             data["notes"].append(f"we still hold one-time pre-key #{otk}: this KNOCK was not processed yet")
         else:
             data["notes"].append(f"one-time pre-key #{otk} is gone: consumed by this KNOCK (or never ours)")
+    pin = ours.local.pin(f.from_did)
+    if pin is not None and not pin.same_key(est.initiator_identity_key):
+        data["notes"].append(
+            "initiator identity key DIFFERS from the key pinned for the sender: refused (identity_changed) "
+            f"until trusted — see `agt-mesh peer fingerprint {f.from_did}`"
+        )
     session = ours.local.sessions.get(f.from_did)
     if session is None:
         data["notes"].append("we have no session with the sender")

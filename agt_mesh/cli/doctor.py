@@ -328,28 +328,30 @@ class Doctor:
                         )
                     )
                     return
-                found = await registry.find_by_display_name(name)
-                if found is None:
+                claimants = [r.did for r in await registry.find_all_by_display_name(name)]
+                others = [d for d in claimants if d != did]
+                if did not in claimants:
                     self.add(
                         Check(
                             "display_name",
                             "warn",
-                            f"{name!r} does not resolve in this registry",
+                            f"{name!r} is not claimed by us in this registry"
+                            + (f" (but by {', '.join(others)})" if others else ""),
                             f"agt-mesh bundle upload --display-name {name}",
                         )
                     )
-                elif found.did != did:
+                elif others:
                     self.add(
                         Check(
                             "display_name",
-                            "fail",
-                            f"{name!r} resolves to {found.did}, not to us: peers sending to {name!r} reach that agent",
-                            "choose another --display-name",
-                            EXIT_USAGE,
+                            "warn",
+                            f"{name!r} is also claimed by {', '.join(others)}: a peer that has not bound the "
+                            "name yet gets an ambiguity error (names are claims) and must choose by DID",
+                            f"give peers our DID ({did}), or choose another --display-name",
                         )
                     )
                 else:
-                    self.add(Check("display_name", "ok", f"{name!r} resolves to us"))
+                    self.add(Check("display_name", "ok", f"{name!r} is claimed by us only"))
         except Exception as exc:
             self.add(_fail("registration", exc))
 

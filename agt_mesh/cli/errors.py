@@ -8,7 +8,8 @@ Kept import-light (only :mod:`agt_mesh.errors`, which is pure Python) so that
 1     usage or user error: bad arguments, bad or unsafe files, unknown peer
 2     unexpected error (a bug: please report it, with the traceback)
 3     network or I/O error: relay/registry unreachable, timeouts, lock held
-4     authentication or trust failure: POP or token refused, bad signature
+4     authentication or trust failure: POP or token refused, bad signature, a key that
+      is not the peer's or differs from the pinned one, a name several agents claim
 5     rate limited by the registry or relay
 ====  =====================================================================
 """
@@ -16,6 +17,7 @@ Kept import-light (only :mod:`agt_mesh.errors`, which is pure Python) so that
 from __future__ import annotations
 
 from agt_mesh.errors import (
+    AmbiguousNameError,
     MeshAuthError,
     MeshConfigError,
     MeshCryptoError,
@@ -59,6 +61,8 @@ def exit_code_for(exc: BaseException) -> int:
         return exc.code
     if getattr(exc, "status", None) == 429:  # MeshRegistryError(status=429), or any HTTP-ish error
         return EXIT_RATE_LIMITED
+    if isinstance(exc, AmbiguousNameError):
+        return EXIT_AUTH  # a trust decision the user must make (bind the name, or use the DID)
     if isinstance(exc, PeerNotFoundError):
         return EXIT_USAGE  # a DID or name nobody registered: the user has to fix the input
     if isinstance(exc, MeshAuthError | MeshCryptoError):

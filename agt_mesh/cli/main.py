@@ -62,6 +62,8 @@ PASSTHROUGH = {
 }
 #: global options that take a value (for finding the command word in argv)
 _VALUE_OPTIONS = ("--state-dir", "--relay", "--registry", "--profile")
+#: ``agt-mesh peer ACTION ...``; any other word after ``peer`` means ``peer show WORD``
+PEER_ACTIONS = ("show", "fingerprint", "trust", "bind", "unbind", "names")
 
 EPILOG = """\
 environment: AGT_MESH_HOME (state dir), AGT_RELAY_URL, AGT_REGISTRY_URL, AGT_PROFILE,
@@ -180,8 +182,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("capability", metavar="CAPABILITY")
     p.add_argument("--limit", type=int, default=50, metavar="N", help="at most N results (1..200, default 50)")
 
-    p = add(sub, "peer", "a peer's registry record and our session with it", "messaging:peer")
+    peer = group("peer", "a peer: its record and session, its key (fingerprint, trust), names", "peer_command")
+    p = add(peer, "show", "the peer's registry record and our session with it (`peer DID|NAME` for short)")
+    _cmd(p, "messaging:peer")
     p.add_argument("peer", metavar="DID|NAME")
+    p = add(peer, "fingerprint", "fingerprints of both identity keys and the safety number, to compare out of band")
+    _cmd(p, "trust:fingerprint")
+    p.add_argument("peer", metavar="DID|NAME")
+    p = add(peer, "trust", "accept a new identity key for a peer (after checking its fingerprint out of band)")
+    _cmd(p, "trust:trust")
+    p.add_argument("peer", metavar="DID")
+    p.add_argument(
+        "--key",
+        required=True,
+        metavar="FINGERPRINT|KEY",
+        help="the offered key's fingerprint, or the X25519 key itself",
+    )
+    p = add(peer, "bind", "bind a display name to one DID (names are claims: this is our choice)", "trust:bind")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("did", metavar="DID")
+    p = add(peer, "unbind", "forget the binding of a display name", "trust:unbind")
+    p.add_argument("name", metavar="NAME")
+    add(peer, "names", "the display names bound to DIDs", "trust:names")
 
     bundle = group("bundle", "our pre-key bundle", "bundle_command")
     add(bundle, "show", "our signed pre-key and one-time pre-keys (public parts, counts)", "sessions:bundle_show")
@@ -242,6 +264,26 @@ def _split_passthrough(argv: list[str]) -> tuple[list[str], str, list[str]] | No
     return None
 
 
+def _peer_shorthand(argv: list[str]) -> list[str]:
+    """``peer DID|NAME`` (the original form) is ``peer show DID|NAME``."""
+    i, command = 0, None
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--":
+            return argv
+        if tok.startswith("-"):
+            i += 2 if tok in _VALUE_OPTIONS else 1
+            continue
+        if command is None:
+            if tok != "peer":
+                return argv
+            command = i
+            i += 1
+            continue
+        return argv if tok in PEER_ACTIONS else [*argv[:i], "show", *argv[i:]]
+    return argv
+
+
 def _finish_globals(args: argparse.Namespace) -> None:
     """Fill unset global options from the environment and check them."""
     for name in ("state_dir", "relay", "registry", "profile"):
@@ -286,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.command, args.rest = command, rest
             args.cmd = PASSTHROUGH[command]
         else:
-            args = build_parser().parse_args(argv)
+            args = build_parser().parse_args(_peer_shorthand(argv))
         _finish_globals(args)
         module, func = str(args.cmd).split(":")
         import importlib

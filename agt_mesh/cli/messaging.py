@@ -7,11 +7,14 @@ JSON output (stable keys):
 * ``listen`` and ``inbox`` → one object per line per message:
   ``{"from", "from_name", "payload", "id", "received_at", "plaintext"}``
   (``received_at``: Unix seconds).
-* ``discover`` → ``{"capability", "results": [{"did", "display_name", "capabilities",
-  "last_seen", "reputation_score", "metadata"}]}``.
-* ``peer`` → ``{"did", "display_name", "registry", "local", "session"}`` — ``registry`` is the
-  record (as above, or null when unknown), ``local`` is ``{"display_name", "kdf_profile",
-  "e2e_verified"}`` or null, ``session`` the ``session show`` object or null.
+* ``discover`` → ``{"capability", "claimants", "bound", "results": [{"did", "display_name",
+  "capabilities", "last_seen", "reputation_score", "metadata", "claims_name", "bound"}]}`` —
+  ``claimants`` counts the results claiming CAPABILITY as their display name (more than one:
+  the name is ambiguous), ``bound`` is the DID the name is bound to locally (or null).
+* ``peer`` → ``{"did", "display_name", "registry", "local", "session", "fingerprint"}`` —
+  ``registry`` is the record (as above, or null when unknown), ``local`` is
+  ``{"display_name", "kdf_profile", "e2e_verified"}`` or null, ``session`` the ``session
+  show`` object or null, ``fingerprint`` the pinned key's (or null).
 """
 
 from __future__ import annotations
@@ -347,6 +350,16 @@ def _record_json(r: AgentRecord) -> dict[str, Any]:
     }
 
 
+def _ambiguous(name: str, dids: list[str]) -> CliError:
+    from agt_mesh.cli.errors import EXIT_AUTH
+
+    return CliError(
+        f"{len(dids)} agents claim the name {name!r}: {', '.join(dids)}. Display names are claims anyone can "
+        f"make: use the DID, or bind the name to one (`agt-mesh peer bind {name} DID`)",
+        EXIT_AUTH,
+    )
+
+
 def discover(args: argparse.Namespace) -> int:
     from agt_mesh.shell.registry import RegistryClient
 
@@ -355,20 +368,39 @@ def discover(args: argparse.Namespace) -> int:
     ident = load_identity(args)
     url = need_registry(args)
 
+    from agt_mesh.shell.registry import claims_name
+
+    local = LocalState.load(args, ident.did)
+
     async def go() -> list[AgentRecord]:
         async with RegistryClient(url, ident, timeout=10) as registry:
             return await registry.discover(args.capability, limit=args.limit)
 
     records = run(go, timeout=30, what="discover")
-    out = [_record_json(r) for r in records]
+    binding = local.names.get(args.capability)
+    bound = binding.did if binding is not None else None
+    out = [
+        {**_record_json(r), "claims_name": claims_name(r, args.capability), "bound": r.did == bound} for r in records
+    ]
+    claimants = sorted({r["did"] for r in out if r["claims_name"]})
     text = "\n".join(
         f"{r['did']}  {r['display_name'] or '-'}  caps={','.join(r['capabilities'])}  "
-        f"last_seen={ago(parse_time(r['last_seen']))}"
+        f"last_seen={ago(parse_time(r['last_seen']))}" + ("  [bound to this name]" if r["bound"] else "")
         for r in out
     )
     if not out and not args.json:
         diag(f"no agent registered with capability {args.capability!r} (capabilities are exact)")
-    emit(args, {"capability": args.capability, "results": out}, text or None)
+    if len(claimants) > 1 and not args.json:
+        diag(
+            f"{len(claimants)} agents claim the name {args.capability!r} — names are claims, not identities: "
+            + (
+                f"here it is bound to {bound}"
+                if bound
+                else f"sending to it fails until you bind it (`agt-mesh peer bind {args.capability} DID`) or use a DID"
+            )
+        )
+    data = {"capability": args.capability, "claimants": len(claimants), "bound": bound, "results": out}
+    emit(args, data, text or None)
     return EXIT_OK
 
 
@@ -391,6 +423,8 @@ def peer(args: argparse.Namespace) -> int:
 
     async def go() -> tuple[str, AgentRecord | None]:
         did = args.peer if args.peer.startswith("did:") else None
+        if did is None and args.peer in local.names:
+            did = local.names[args.peer].did  # a bound name means its DID, whatever the registry says
         if did is None:
             with contextlib.suppress(CliError):
                 did = local.find(args.peer)
@@ -400,18 +434,21 @@ def peer(args: argparse.Namespace) -> int:
             return did, None
         async with RegistryClient(url, ident, timeout=10) as registry:
             if did is None:
-                found = await registry.find_by_display_name(args.peer)
-                if found is None:
+                found = await registry.find_all_by_display_name(args.peer)
+                if not found:
                     raise CliError(f"no agent named {args.peer!r} in the registry (names are exact)")
-                return found.did, found
+                if len(found) > 1:
+                    raise _ambiguous(args.peer, [r.did for r in found])
+                return found[0].did, found[0]
             return did, await registry.get_agent(did)
 
     did, record = run(go, timeout=30, what="peer lookup")
     meta = local.peers.get(did)
     session = local.info(did) if did in local.sessions else None
+    pin = local.pin(did)
     data = {
         "did": did,
-        "display_name": (record.display_name if record else None) or (meta.display_name if meta else None),
+        "display_name": (record.display_name if record else None) or local.name_of(did),
         "registry": _record_json(record) if record else None,
         "local": (
             {
@@ -423,6 +460,7 @@ def peer(args: argparse.Namespace) -> int:
             else None
         ),
         "session": session,
+        "fingerprint": pin.fingerprint if pin is not None else None,
     }
     if record is not None:
         software = record.metadata.get("library") or record.metadata.get("runtime")
@@ -441,6 +479,7 @@ def peer(args: argparse.Namespace) -> int:
             ("registry", reg),
             ("kdf profile", _kdf_text(meta, session)),
             ("e2e verified", "yes" if meta and meta.e2e_verified else "no"),
+            ("fingerprint", pin.fingerprint if pin is not None else "no key pinned yet (no session so far)"),
             ("session", session_line(session) if session else "none (the next send KNOCKs)"),
             ("status", session["status_text"] if session else None),
         ]

@@ -8,8 +8,8 @@ JSON output (stable keys):
 
 * ``session show`` → ``{"peer", "peer_name", "status", "status_text", "role",
   "kdf_profile", "e2e_verified", "verified", "accepted", "knock_pending", "knock_id",
-  "candidates", "has_previous", "consecutive_failures", "last_activity",
-  "peer_identity_key", "ratchet", "inbox"}`` where ``ratchet`` is ``{"send_n", "recv_n",
+  "candidates", "has_previous", "last_activity", "peer_identity_key", "peer_fingerprint",
+  "ratchet", "inbox", "sequence"}`` where ``ratchet`` is ``{"send_n", "recv_n",
   "previous_send_chain_length", "can_send", "has_receive_chain", "skipped_keys"}`` or null.
   ``status`` is one of ``established``, ``knock_sent``, ``accepted``, ``knock_received``,
   ``empty``.  Times are Unix seconds.  No key bytes, only the peer's public identity key.
@@ -88,12 +88,12 @@ def session_show(args: argparse.Namespace) -> int:
             ("skipped keys", r["skipped_keys"] if r else "-"),
             ("candidates", info["candidates"]),
             ("previous ratchet", "kept (peer re-keyed; old frames still decrypt)" if info["has_previous"] else "none"),
-            ("failures", f"{info['consecutive_failures']} undecryptable frame(s) in a row"),
             (
                 "last activity",
                 f"{iso(info['last_activity'])} ({ago(info['last_activity'])})" if info["last_activity"] else "never",
             ),
             ("peer identity", info["peer_identity_key"]),
+            ("fingerprint", info["peer_fingerprint"] or "no key pinned yet"),
             ("unread", f"{info['inbox']} message(s) in the inbox"),
             (
                 "held back",

@@ -13,8 +13,6 @@ __all__ = [
     "KnockDecision",
     "KnockRejected",
     "MessageReceived",
-    "ResyncNeeded",
-    "SessionDesync",
     "SessionEstablished",
     "SessionRekeyed",
 ]
@@ -93,27 +91,13 @@ class E2EVerified:
 
 
 @dataclass(frozen=True, slots=True)
-class SessionDesync:
-    """The session with ``peer`` could not decrypt repeatedly and was torn down."""
-
-    peer: str
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class ResyncNeeded:
-    """Re-establish the session with ``peer``: fetch its bundle, ``establish(..., resync=True)``."""
-
-    peer: str
-
-
-@dataclass(frozen=True, slots=True)
 class ErrorEvent:
     """Something went wrong with an inbound frame; no session was harmed.
 
-    ``kind`` is one of ``frame``, ``decrypt``, ``duplicate``, ``knock``, ``relay``,
-    ``session_desync``, ``gap``, ``limit`` (a byte or count limit refused or dropped
-    something); ``peer`` is the claimed sender when known.
+    ``kind`` is one of ``frame``, ``decrypt``, ``duplicate``, ``knock``, ``relay``, ``gap``,
+    ``limit`` (a byte or count limit refused or dropped something), ``identity_binding`` (a
+    key presented for a DID it does not belong to) and ``identity_changed`` (a pinned peer
+    presented another key); ``peer`` is the claimed sender when known.
     """
 
     kind: str
@@ -130,7 +114,5 @@ Event = (
     | SessionEstablished
     | SessionRekeyed
     | E2EVerified
-    | SessionDesync
-    | ResyncNeeded
     | ErrorEvent
 )

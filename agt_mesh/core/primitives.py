@@ -35,6 +35,7 @@ __all__ = [
     "aead_decrypt",
     "aead_encrypt",
     "ed25519_public_from_seed",
+    "ed25519_public_to_x25519",
     "ed25519_sign",
     "ed25519_signing_key",
     "ed25519_verify",
@@ -129,6 +130,22 @@ def ed25519_signing_key(seed: bytes) -> tuple[bytes, bytes]:
 def ed25519_public_from_seed(seed: bytes) -> bytes:
     """The Ed25519 public key of a 32-byte seed."""
     return ed25519_signing_key(seed)[0]
+
+
+def ed25519_public_to_x25519(ed25519_public: bytes) -> bytes:
+    """The X25519 form of an Ed25519 public key (the birational map, libsodium's
+    ``crypto_sign_ed25519_pk_to_curve25519``).
+
+    Raises:
+        ValueError: if the key is not 32 bytes, not a canonical point on the curve, or of
+            small order (libsodium refuses those).
+    """
+    if len(ed25519_public) != KEY_LEN:
+        raise ValueError("an Ed25519 public key is 32 bytes")
+    try:
+        return _sodium.crypto_sign_ed25519_pk_to_curve25519(ed25519_public)
+    except (_SodiumRuntimeError, ValueError, TypeError):
+        raise ValueError("not a valid Ed25519 public key") from None
 
 
 def ed25519_sign(expanded_secret: bytes, message: bytes) -> bytes:

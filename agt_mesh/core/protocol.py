@@ -17,14 +17,25 @@ Behaviour, compared with the TypeScript ``MeshClient`` (``wire.md`` §4–§5):
   peers.  When a frame finally cannot be processed it is **acknowledged** (so the relay
   stops redelivering it) and reported as an ``ErrorEvent``.
 * Duplicates (same message id, or an already-used key) are acknowledged and dropped;
-  they never tear a session down.  A forged or corrupt frame never changes a session.
-* A ``knock_reject`` for a session that has already decrypted messages is ignored
-  (it is unauthenticated on pre-5.0 relays).
+  they never tear a session down.
+* **Forgery never costs state.**  A frame that fails authentication is acknowledged and
+  reported, and changes nothing — no counter, no teardown, no re-KNOCK: on relays that do
+  not bind ``from`` to the connection (agentmesh-platform 3.7.0, AGT core 5.0.0) anyone can
+  write a peer's DID there.  Recovery from a real desync is driven only by what the peer
+  alone can produce: a KNOCK whose identity key is bound to its DID (and pinned), whose
+  candidate session then decrypts a message — which takes the identity private key.
+* **Identity binding and key continuity** (:mod:`agt_mesh.core.trust`): a KNOCK whose
+  identity key does not hash to a canonical ``from`` DID is refused (``identity_binding``)
+  before the policy is asked; so is a bundle for a DID it does not belong to.  The first
+  key seen for a DID is pinned (by a bundle we initiate with, or by the first message that
+  decrypts under a KNOCK's key); another key for a pinned DID is refused
+  (``identity_changed``) until :meth:`MeshProtocol.trust_identity` accepts it.
+* ``knock_accept``/``knock_reject`` are unauthenticated: one changes a session only if it
+  names the id of that session's KNOCK (a random id only the relay and the peer saw), and
+  a ``knock_reject`` never removes a session that has already decrypted messages.
 * A peer that re-KNOCKs while we hold a session (it restarted, or both KNOCKed at once)
-  gets a *candidate* session; its first decrypting message switches us over.
-* After ``desync_threshold`` consecutive undecryptable frames from a peer the session is
-  torn down (``SessionDesync``) and, with ``auto_resync``, a ``ResyncNeeded`` event asks
-  the shell to KNOCK again; the new KNOCK is followed by a small control message that
+  gets a *candidate* session; its first decrypting message switches us over.  With
+  ``establish(..., resync=True)`` our KNOCK is followed by a small control message that
   lets an ``agt_mesh`` peer switch without bothering its application.
 * Between ``agt_mesh`` peers each receipted message carries a per-session sequence
   number (``"sq"``).  A message that arrives after a gap (its predecessor was lost in a
@@ -40,6 +51,7 @@ Behaviour, compared with the TypeScript ``MeshClient`` (``wire.md`` §4–§5):
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
@@ -47,7 +59,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agt_mesh.core import frames as fr
-from agt_mesh.core.encoding import compact_json
+from agt_mesh.core.encoding import b64url_encode, compact_json
 from agt_mesh.core.events import (
     E2EVerified,
     ErrorEvent,
@@ -56,8 +68,6 @@ from agt_mesh.core.events import (
     KnockDecision,
     KnockRejected,
     MessageReceived,
-    ResyncNeeded,
-    SessionDesync,
     SessionEstablished,
     SessionRekeyed,
 )
@@ -65,6 +75,7 @@ from agt_mesh.core.primitives import RandomSource
 from agt_mesh.core.ratchet import DoubleRatchet
 from agt_mesh.core.session import Candidate, HeldMessage, PeerSession
 from agt_mesh.core.strict_json import MAX_JSON_DEPTH, depth_exceeds, loads_strict
+from agt_mesh.core.trust import KeyPin, check_bundle_binding, check_key_binding, fingerprint
 from agt_mesh.core.x3dh import (
     KdfProfile,
     PreKeyBundle,
@@ -77,6 +88,8 @@ from agt_mesh.errors import (
     BundleVerificationError,
     DecryptError,
     DuplicateMessageError,
+    IdentityBindingError,
+    IdentityChangedError,
     MalformedJsonError,
     MeshConfigError,
     MeshCryptoError,
@@ -104,6 +117,9 @@ _FRAME_OVERHEAD = 512
 MiB = 1024 * 1024
 #: unconfirmed messages kept for a peer that has not (yet) shown it sends receipts
 _UNPROVEN_WINDOW = 200
+#: undecryptable frames in a row from a peer after which the error event says how a real
+#: desync is recovered (the frames themselves never change anything: they may be forged)
+_STUCK_HINT = 3
 
 
 @dataclass
@@ -121,8 +137,6 @@ class ProtocolConfig:
     max_buffered_peers: int = 100
     #: message ids remembered for de-duplication
     dedupe_window: int = 10_000
-    desync_threshold: int = 3
-    auto_resync: bool = True
     #: end-to-end receipts between agt_mesh peers: our messages ask for one, we answer
     #: requests, and messages a receipting peer has not confirmed are sent again
     receipts: bool = True
@@ -173,6 +187,8 @@ class Step:
     sent: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     #: ids of our messages the peer confirmed (forget them)
     confirmed: list[str] = field(default_factory=list)
+    #: DIDs whose pinned or offered identity key changed (persist ``pins``/``offered``)
+    identities: set[str] = field(default_factory=set)
 
     def extend(self, other: Step) -> None:
         self.frames.extend(other.frames)
@@ -182,6 +198,7 @@ class Step:
         self.seen.extend(other.seen)
         self.sent.extend(other.sent)
         self.confirmed.extend(other.confirmed)
+        self.identities |= other.identities
 
     def ack_frames(self) -> list[dict[str, Any]]:
         return [fr.ack_frame(i) for i in self.acks]
@@ -228,6 +245,14 @@ class MeshProtocol:
         self._receipts_due: dict[str, tuple[float, list[str]]] = {}
         #: peers whose session holds messages back (waiting for an earlier one)
         self._holding: set[str] = set()
+        #: the identity key pinned for each peer DID (key continuity; persist on
+        #: ``Step.identities``)
+        self.pins: dict[str, KeyPin] = {}
+        #: the last other key a pinned peer presented, refused until trusted
+        self.offered: dict[str, KeyPin] = {}
+        #: frames from a session peer that did not decrypt since the last one that did.
+        #: Diagnostics only, outside the session state: it never changes a session.
+        self.undecryptable: dict[str, int] = {}
 
     @property
     def did(self) -> str:
@@ -367,12 +392,17 @@ class MeshProtocol:
             if not from_buffer:
                 self._buffer_frame(f, now, step)
                 return False
-            # a gap is not a desync: the missing messages may still come (re-sends)
+            # a gap is not a failure: the missing messages may still come (re-sends)
             self._give_up(f, f"{exc.kind}: {exc}", step, counts=not isinstance(exc, TooManySkippedError))
             return False
         step.changed.add(peer)
-        session.failures = 0
+        self.undecryptable.pop(peer, None)
         session.last_activity = now
+        if peer not in self.pins:
+            # the first message that decrypts proves the KNOCK's key (trust on first use)
+            key = session.peer_identity_key()
+            if key is not None:
+                self._pin(peer, key, now, "knock", step)
         self._remember_id(f.id, step)
         step.acks.append(f.id)
         new_stream = session.primary is not before
@@ -410,22 +440,25 @@ class MeshProtocol:
         return True
 
     def _give_up(self, f: fr.MessageFrame, detail: str, step: Step, *, counts: bool = True) -> None:
-        """A frame that cannot be processed: ack it, report it, count toward desync."""
+        """A frame that cannot be processed: ack it and report it — and change nothing.
+
+        It may be forged (anyone can write a peer's DID in ``from`` on relays that do not
+        bind it), so it neither touches the session nor triggers a re-KNOCK.  A peer that
+        really lost its session KNOCKs again when it next sends, and that KNOCK is
+        authenticated by its identity key.
+        """
         peer = f.from_did
         step.acks.append(f.id)
-        step.events.append(ErrorEvent("decrypt", peer, detail, f.id))
         session = self.sessions.get(peer)
-        if session is None or session.primary is None or not counts:
-            return
-        session.failures += 1
-        step.changed.add(peer)
-        if session.failures >= self.config.desync_threshold:
-            self._release_held(session, step, reason="the session broke down")
-            del self.sessions[peer]
-            step.events.append(SessionDesync(peer, f"{session.failures} undecryptable frames in a row ({detail})"))
-            step.events.append(ErrorEvent("session_desync", peer, detail, f.id))
-            if self.config.auto_resync:
-                step.events.append(ResyncNeeded(peer))
+        if session is not None and session.primary is not None and counts:
+            n = self.undecryptable[peer] = self.undecryptable.get(peer, 0) + 1
+            if n >= _STUCK_HINT:
+                detail += (
+                    f" ({n} frames from this peer in a row did not decrypt; the session is unchanged, as they "
+                    "may be forged — a peer that lost its session re-KNOCKs when it next sends, and "
+                    "`session reset` starts a new one from our side)"
+                )
+        step.events.append(ErrorEvent("decrypt", peer, detail, f.id))
 
     # -- pre-KNOCK buffer -----------------------------------------------------------
 
@@ -583,6 +616,8 @@ class MeshProtocol:
         ):
             step.acks.append(f.id)
             return  # a replay of the KNOCK that made this session
+        if f.establishment is not None and not self._knock_identity_ok(f, now, step):
+            return
         if len(self._pending_knocks) >= _MAX_PENDING_KNOCKS:
             step.acks.append(f.id)
             step.events.append(ErrorEvent("knock", f.from_did, "too many KNOCKs awaiting a verdict — dropped", f.id))
@@ -603,6 +638,95 @@ class MeshProtocol:
         )
         self._pending_knocks[f.id] = _PendingKnock(f, now + self.config.knock_timeout, glare)
         step.events.append(KnockDecision(f.from_did, f.intent, f.id))
+
+    def _knock_identity_ok(self, f: fr.KnockFrame, now: float, step: Step) -> bool:
+        """Binding and continuity of a KNOCK's identity key, before the policy is asked.
+
+        A refused KNOCK is acknowledged (redelivery cannot change the verdict), remembered
+        and consumes no one-time pre-key.
+        """
+        assert f.establishment is not None
+        peer, key = f.from_did, f.establishment.initiator_identity_key
+        try:
+            check_key_binding(peer, key, what="the KNOCK's identity key")
+        except IdentityBindingError as exc:
+            # provably not the DID's owner: no reply (it would go to the real owner)
+            self._refuse_knock(f, step, ErrorEvent("identity_binding", peer, f"KNOCK refused: {exc}", f.id))
+            return False
+        pin = self.pins.get(peer)
+        if pin is None or pin.same_key(key):
+            return True
+        event = self._offer(peer, key, now, "knock", step, f.id)
+        self._refuse_knock(f, step, event)
+        # tell the sender: if it really is the peer with a new key, it learns why
+        step.frames.append(
+            fr.knock_reject_frame(self.did, peer, self._new_id(), f.id, fr.iso_timestamp(now), "identity_changed")
+        )
+        return False
+
+    def _refuse_knock(self, f: fr.KnockFrame, step: Step, event: ErrorEvent) -> None:
+        step.acks.append(f.id)
+        step.events.append(event)
+        self._seen_knocks[f.id] = None
+        if len(self._seen_knocks) > self.config.dedupe_window:
+            self._seen_knocks.popitem(last=False)
+
+    # -- identity pins -------------------------------------------------------------------
+
+    def _pin(self, peer: str, key: bytes, now: float, source: str, step: Step) -> None:
+        self.pins[peer] = KeyPin(peer, key, now, source)
+        step.identities.add(peer)
+
+    def _offer(self, peer: str, key: bytes, now: float, source: str, step: Step, frame_id: str | None) -> ErrorEvent:
+        """Record a refused key for a pinned peer; the ``identity_changed`` event for it."""
+        pin = self.pins[peer]
+        previous = self.offered.get(peer)
+        if previous is None or not previous.same_key(key):
+            self.offered[peer] = KeyPin(peer, key, now, source)
+            step.identities.add(peer)
+        # no fingerprint of the offered key here: it costs ~3 ms, and a forger chooses it
+        return ErrorEvent(
+            "identity_changed",
+            peer,
+            f"{peer} presented another identity key ({_b64(key)}, via {source}) than the one pinned for it "
+            f"(fingerprint {_cached_fingerprint(peer, pin.identity_key)}); refused. If the peer really has a "
+            f"new key, compare fingerprints out of band (`agt-mesh peer fingerprint {peer}`) and accept it "
+            f"with `agt-mesh peer trust {peer} --key FINGERPRINT` (MeshClient.trust_identity)",
+            frame_id,
+        )
+
+    def offer_identity(self, peer: str, key: bytes, now: float, *, source: str = "bundle") -> Step:
+        """Record ``key``, refused for pinned ``peer`` (e.g. by :meth:`establish`), and report it."""
+        step = Step()
+        if peer in self.pins and not self.pins[peer].same_key(key):
+            step.events.append(self._offer(peer, key, now, source, step, None))
+        return step
+
+    def trust_identity(self, peer: str, key: bytes, now: float) -> Step:
+        """Pin ``key`` for ``peer`` by the user's explicit decision (replacing a pin).
+
+        A session with another key is forgotten (its held messages are delivered), so the
+        next send KNOCKs with the new key and the peer's next KNOCK is accepted.
+
+        Raises:
+            IdentityBindingError: ``key`` cannot belong to a canonical ``peer`` DID.
+        """
+        check_key_binding(peer, key)
+        step = Step()
+        self._pin(peer, key, now, "trusted", step)
+        self.offered.pop(peer, None)
+        session = self.sessions.get(peer)
+        if session is not None and session.peer_keys(self.prekeys.identity.x25519_public) - {key}:
+            step.extend(self.reset_session(peer))
+        return step
+
+    def restore_pin(self, pin: KeyPin, offered: KeyPin | None = None) -> None:
+        """Install a persisted pin (and the last refused key, if any)."""
+        self.pins[pin.did] = pin
+        if offered is not None:
+            self.offered[pin.did] = offered
+        else:
+            self.offered.pop(pin.did, None)
 
     def resolve_knock(
         self,
@@ -661,6 +785,15 @@ class MeshProtocol:
         assert f.establishment is not None
         peer = f.from_did
         est = f.establishment
+        pin = self.pins.get(peer)
+        if pin is not None and not pin.same_key(est.initiator_identity_key):
+            # the pin changed while the verdict was pending (checked first in _on_knock)
+            raise IdentityChangedError(
+                f"the KNOCK's identity key is not the one pinned for {peer}",
+                did=peer,
+                pinned=pin.fingerprint,
+                offered=_b64(est.initiator_identity_key),
+            )
         old = self.sessions.get(peer)
         pinned = old.peer_identity_key() if old is not None else None
         if pinned is not None and pinned != est.initiator_identity_key:
@@ -697,23 +830,31 @@ class MeshProtocol:
             step.acks.append(f.id)
         peer = f.from_did
         session = self.sessions.get(peer)
+        # Replies are unauthenticated: only one naming the KNOCK of our current session
+        # (a random id that only the relay and the peer saw) may change that session.
+        ours = (
+            session is not None
+            and session.role == "initiator"
+            and session.knock_id is not None
+            and f.knock_id == session.knock_id
+        )
         if f.accepted:
-            if session is not None:
-                session.accepted = True
-                session.pending_knock = None
-                if f.ts is not None and (f.knock_id is None or f.knock_id == session.knock_id):
-                    session.accept_ts = f.ts
-                step.changed.add(peer)
+            if not ours:
+                return  # answers no KNOCK of ours: changes nothing
+            assert session is not None
+            session.accepted = True
+            session.pending_knock = None
+            if f.ts is not None:
+                session.accept_ts = f.ts
+            step.changed.add(peer)
             step.events.append(KnockAccepted(peer))
             return
-        stale = bool(f.knock_id and session is not None and session.knock_id and f.knock_id != session.knock_id)
-        if session is not None and (session.verified or stale):
+        if session is None or not ours or session.verified:
             step.events.append(KnockRejected(peer, f.reason, ignored=True))
             return
-        if session is not None and session.role == "initiator":
-            del self.sessions[peer]
-            self._outbox.pop(peer, None)
-            step.changed.add(peer)
+        del self.sessions[peer]
+        self._outbox.pop(peer, None)
+        step.changed.add(peer)
         step.events.append(KnockRejected(peer, f.reason, ignored=False))
 
     # ------------------------------------------------------------------------------
@@ -747,13 +888,32 @@ class MeshProtocol:
 
         Raises:
             BundleVerificationError: if the bundle does not verify.
+            IdentityBindingError: the bundle's keys do not belong to ``peer``.
+            IdentityChangedError: ``peer`` has another key pinned (nothing is recorded:
+                call :meth:`offer_identity` to record and report it).
         """
+        bundle.verify()
+        check_bundle_binding(peer, bundle.identity_key, bundle.identity_key_ed)
+        pin = self.pins.get(peer)
+        if pin is not None and not pin.same_key(bundle.identity_key):
+            offered = fingerprint(peer, bundle.identity_key)
+            raise IdentityChangedError(
+                f"the identity key of {peer} changed: pinned {pin.fingerprint} (since "
+                f"{fr.iso_timestamp(pin.since)}), the registry now offers {offered}; refused. If the peer "
+                "really has a new key, compare fingerprints out of band and accept it with "
+                f"`agt-mesh peer trust {peer} --key {offered.replace(' ', '')}` (MeshClient.trust_identity)",
+                did=peer,
+                pinned=pin.fingerprint,
+                offered=offered,
+            )
         prof = profile or self.profile_for(peer)
         init = initiate(self.prekeys.identity, bundle, random, profile=prof)
         ad = channel_ad(self.did, peer, self.prekeys.identity.x25519_public, bundle.identity_key)
         ratchet = DoubleRatchet.init_sender(init.shared_secret, bundle.signed_pre_key, ad, random)
         old = self.sessions.get(peer)
         step = Step(changed={peer})
+        if pin is None:
+            self._pin(peer, bundle.identity_key, now, "bundle", step)
         if old is not None:
             self._release_held(old, step, reason="a new session was started")
         session = PeerSession(
@@ -1083,6 +1243,7 @@ class MeshProtocol:
         Messages it held back are delivered (``MessageReceived`` events in the step).
         """
         self._outbox.pop(peer, None)
+        self.undecryptable.pop(peer, None)
         step = Step()
         session = self.sessions.pop(peer, None)
         if session is not None:
@@ -1123,6 +1284,16 @@ def _json_size(value: Any) -> int:
 def _frame_cost(f: fr.MessageFrame) -> int:
     """Bytes a buffered frame is counted for."""
     return len(f.ciphertext) + _FRAME_OVERHEAD
+
+
+def _b64(key: bytes) -> str:
+    return b64url_encode(key)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_fingerprint(did: str, key: bytes) -> str:
+    """Fingerprints of pinned keys, which repeat (an offered key is never computed here)."""
+    return fingerprint(did, key)
 
 
 def _seq_open(session: PeerSession, seq: int) -> bool:

@@ -94,6 +94,10 @@ class PeerSession:
     verified: bool = False
     #: the peer accepted our KNOCK (initiator) or we accepted theirs (responder)
     accepted: bool = False
+    #: No longer changed by the protocol: it counted undecryptable frames, which may be
+    #: forged, so it let anyone who can write the peer's DID in ``from`` change (and tear
+    #: down) the session.  Kept only so saved states keep their fields; it stays 0 (and
+    #: unwritten) in every session made since.
     failures: int = 0
     last_activity: float = 0.0
     establishment_ek: bytes = b""
@@ -123,6 +127,19 @@ class PeerSession:
         if r is None or len(r.ad) < 64:
             return None
         return r.ad[-32:] if self.role == "initiator" else r.ad[-64:-32]
+
+    def peer_keys(self, own_key: bytes) -> set[bytes]:
+        """The peer identity keys of every ratchet held (primary, candidates, previous).
+
+        Each ratchet's AD ends ``IK_initiator || IK_responder``; the peer's is the one that
+        is not ``own_key`` (our X25519 identity key).
+        """
+        keys = set()
+        for r in (self.primary, *(c.ratchet for c in self.candidates), self.previous):
+            if r is not None and len(r.ad) >= 64:
+                first, second = r.ad[-64:-32], r.ad[-32:]
+                keys.add(second if first == own_key else first)
+        return keys
 
     @property
     def can_send(self) -> bool:
@@ -210,7 +227,6 @@ class PeerSession:
             "pending_candidates": len(self.candidates),
             "has_previous": self.previous is not None,
             "held_back": self.held_back,
-            "consecutive_failures": self.failures,
             "last_activity": self.last_activity,
             "ratchet": self.primary.summary() if self.primary else None,
         }
@@ -406,7 +422,7 @@ SESSION_FORMAT = sf.StateFormat(
         sf.Field("prev", "previous", _load_opt_ratchet, _dump_opt_ratchet, default=None),
         sf.Field("ver", "verified", sf.flag, default=False),
         sf.Field("acc", "accepted", sf.flag, default=False),
-        sf.Field("fail", "failures", _uint, default=0),
+        sf.Field("fail", "failures", _uint, default=0),  # no longer changed (see PeerSession.failures)
         sf.Field("last", "last_activity", sf.number, default=0.0),
         sf.Field("ek", "establishment_ek", _knock_ek, default=b""),
         sf.Field("knock", "pending_knock", _load_knock, _dump_knock, default=None),  # our KNOCK frame as JSON text

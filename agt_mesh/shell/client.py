@@ -34,8 +34,28 @@ from agt_mesh.core.encoding import compact_json
 from agt_mesh.core.identity import Identity
 from agt_mesh.core.primitives import RandomSource
 from agt_mesh.core.protocol import MeshProtocol, ProtocolConfig, Step
+from agt_mesh.core.trust import (
+    KeyPin,
+    NameBinding,
+    fingerprint,
+    key_binds,
+    normalize_fingerprint,
+    parse_identity_key,
+    safety_number,
+)
 from agt_mesh.core.x3dh import KdfProfile, OneTimePreKey, PreKeyStore
-from agt_mesh.errors import MeshConfigError, MeshError, MeshProtocolError, MeshTransportError, PeerNotFoundError
+from agt_mesh.errors import (
+    AmbiguousNameError,
+    IdentityBindingError,
+    IdentityChangedError,
+    MeshConfigError,
+    MeshError,
+    MeshProtocolError,
+    MeshStateError,
+    MeshTransportError,
+    NameClaim,
+    PeerNotFoundError,
+)
 from agt_mesh.shell.identity_file import load_identity
 from agt_mesh.shell.inbound import FrameQueue, Health, Parking, frame_size, object_size
 from agt_mesh.shell.inbox import DEFAULT_INBOX_BYTES, DEFAULT_INBOX_SIZE, InboundMessage, Inbox
@@ -115,6 +135,10 @@ def _parking_full(peer: str, obj: Any) -> ev.ErrorEvent:
         "unacknowledged (a relay that stored it delivers it again; an agt_mesh sender re-sends it)",
         _frame_id(obj),
     )
+
+
+#: claimants of an ambiguous name looked up in detail (registered_at) for the error
+_CLAIM_DETAILS = 10
 
 
 def _token_source(value: str | Callable[[], str | None] | None) -> Callable[[], str | None] | None:
@@ -286,7 +310,10 @@ class MeshClient:
         self._transport: RelayTransport | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ticker: asyncio.Task[None] | None = None
+        #: display labels of peers (what they call themselves; for output only, never resolved)
         self._names: dict[str, str] = {}
+        #: display names bound to one DID each: what ``resolve`` answers (names are claims)
+        self._bindings: dict[str, NameBinding] = {}
         self._registered = False
         #: optional tap called with every frame sent to the relay (diagnostics, demos)
         self.frame_tap: Callable[[dict[str, Any]], None] | None = None
@@ -580,8 +607,37 @@ class MeshClient:
         if self.prekeys.signed_pre_key is None:
             store.load_prekeys(self.prekeys)
             self._published_from = int(store.get_meta("otk_published_from") or 0)
+        for stored_pin, offered in store.load_pins():
+            self.protocol.restore_pin(stored_pin, offered)
+        early = dict(self._bindings)  # bound before connect(): made durable now
+        for binding in store.load_names():
+            self._bindings[binding.name] = binding
+        for name, binding in early.items():
+            self._bindings[name] = binding
+            store.bind_name(binding)
+        own = self.identity.x25519_public
+        unbound: list[str] = []
+        new_pins: list[tuple[str, KeyPin | None, KeyPin | None]] = []
         for session in store.load_sessions():
+            keys = session.peer_keys(own)
+            pin = self.protocol.pins.get(session.peer)
+            if any(not key_binds(session.peer, k) for k in keys) or (pin and keys - {pin.identity_key}):
+                # made before keys were checked, with a key that is not the peer's
+                log.error(
+                    "dropping the stored session with %s: it is bound to a key that is not the peer's", session.peer
+                )
+                unbound.append(session.peer)
+                continue
             self.protocol.restore_session(session)
+            key = session.peer_identity_key()
+            if pin is None and key is not None:
+                found = KeyPin(session.peer, key, session.last_activity or self._clock(), "session")
+                self.protocol.restore_pin(found)
+                new_pins.append((session.peer, found, None))
+        for peer in unbound:
+            store.delete_session(peer)
+        if new_pins:
+            store.save_pins(new_pins)
         for meta in store.load_peers():
             if meta.profile is not None:
                 self.protocol.peer_profiles[meta.did] = meta.profile
@@ -792,6 +848,7 @@ class MeshClient:
             prekeys=self.prekeys,
             sent=step.sent,
             confirmed=step.confirmed,
+            identities=[(d, proto.pins.get(d), proto.offered.get(d)) for d in step.identities],
         )
 
     async def _commit(self, step: Step, messages: list[InboundMessage], texts: list[str]) -> None:
@@ -835,7 +892,7 @@ class MeshClient:
                 except (TypeError, ValueError, RecursionError):
                     refused.add(i)
                     continue
-            name = self._names.get(e.peer)
+            name = self.display_name_of(e.peer)
             messages.append(InboundMessage(e.peer, e.payload, e.message_id, self._clock(), e.plaintext, name))
             texts.append(text)
         return messages, texts, refused
@@ -898,10 +955,6 @@ class MeshClient:
             self._spawn(self._decide_knock(event), "agt-mesh-knock")
         elif isinstance(event, ev.ErrorEvent):
             await self._emit_error(event.kind, event.peer, event.detail)
-        elif isinstance(event, ev.SessionDesync):
-            await self._emit_error("session_desync", event.peer, event.detail)
-        elif isinstance(event, ev.ResyncNeeded):
-            self._spawn(self._resync(event.peer), "agt-mesh-resync")
         elif isinstance(event, ev.E2EVerified):
             for vhook in list(self._verified_hooks):
                 await self._call(vhook, event.peer, event.first_peer)
@@ -937,15 +990,6 @@ class MeshClient:
             step = self.protocol.resolve_knock(event.knock_id, accept, self._clock(), self._random)
         await self._apply(step)
 
-    async def _resync(self, peer: str) -> None:
-        try:
-            bundle = await self.registry.fetch_bundle(peer)
-            async with self._lock:
-                step = self.protocol.establish(peer, bundle, self._clock(), self._random, resync=True)
-            await self._apply(step)
-        except MeshError as exc:
-            await self._emit_error("session_desync", peer, f"automatic re-KNOCK failed: {exc}")
-
     async def _tick_loop(self) -> None:
         next_prekey_check = time.monotonic() + self.prekey_check_interval
         while True:
@@ -979,21 +1023,161 @@ class MeshClient:
     # ------------------------------------------------------------------------------
 
     async def resolve(self, to: str) -> str:
-        """A DID for ``to`` (a DID, or a display name looked up in the registry).
+        """The DID for ``to``: a DID as it is, or a display name — which is only a claim.
+
+        Anyone can register any display name, so a name resolves only to the DID it is
+        bound to locally.  The first resolution binds it, durably, when exactly one agent
+        claims it; the binding then holds whatever the registry says later, until the user
+        rebinds it (:meth:`bind_name`, :meth:`unbind_name`).  This is the one place names
+        become DIDs: sending, :meth:`wait_for` and the adapters' tools all go through it.
 
         Raises:
-            PeerNotFoundError: no agent registered that exact name.
+            PeerNotFoundError: nobody claims that exact name (and it is not bound).
+            AmbiguousNameError: several agents claim it and none is bound to it; the error
+                lists them (DID, key fingerprint if we know the key, registration times).
         """
         if to.startswith("did:"):
             return to
-        for did, name in self._names.items():
-            if name == to:
-                return did
-        record = await self.registry.find_by_display_name(to)
-        if record is None:
+        binding = self._bindings.get(to)
+        if binding is not None:
+            return binding.did
+        claims = await self.name_claims(to, details=False)
+        if not claims:
             raise PeerNotFoundError(f"no agent named {to!r} in the registry (names are exact)")
-        self._names[record.did] = to
-        return record.did
+        if len(claims) > 1:
+            claims = await self.name_claims(to)
+            raise AmbiguousNameError(_ambiguous_text(to, claims), name=to, claims=claims)
+        self._bind(NameBinding(to, claims[0].did, self._clock(), "registry"))
+        return claims[0].did
+
+    async def name_claims(self, name: str, *, details: bool = True) -> list[NameClaim]:
+        """Every agent the registry lists as claiming display name ``name``, freshest first.
+
+        ``details`` also asks the registry for each one's ``registered_at`` (at most 10).
+        The claim whose DID the name is bound to is not marked here: see :meth:`name_bindings`.
+        """
+        records = await self.registry.find_all_by_display_name(name)
+        out: list[NameClaim] = []
+        for i, record in enumerate(records):
+            registered = None
+            if details and i < _CLAIM_DETAILS:
+                with contextlib.suppress(MeshError):
+                    full = await self.registry.get_agent(record.did)
+                    value = full.raw.get("registered_at") if full is not None else None
+                    registered = value if isinstance(value, str) else None
+            pin = self.protocol.pins.get(record.did)
+            out.append(NameClaim(record.did, pin.fingerprint if pin else None, registered, record.last_seen))
+        return out
+
+    def _bind(self, binding: NameBinding) -> None:
+        self._bindings[binding.name] = binding
+        self._names[binding.did] = binding.name
+        if self.store is not None and self.store.db_open:
+            self.store.bind_name(binding)
+
+    def bind_name(self, name: str, did: str) -> None:
+        """Bind display name ``name`` to ``did`` (the user's decision; replaces a binding).
+
+        Durable in the state store (a binding made before :meth:`connect` is written then).
+        """
+        if not isinstance(name, str) or not name or name.startswith("did:"):
+            raise MeshConfigError("a display name must be a non-empty string that is not a DID")
+        if not isinstance(did, str) or not did.startswith("did:"):
+            raise MeshConfigError(f"{did!r} is not a DID")
+        self._bind(NameBinding(name, did, self._clock(), "user"))
+
+    def unbind_name(self, name: str) -> bool:
+        """Forget the binding of ``name`` (the next :meth:`resolve` asks the registry again)."""
+        binding = self._bindings.pop(name, None)
+        if binding is not None and self._names.get(binding.did) == name:
+            del self._names[binding.did]
+        if self.store is not None and self.store.db_open:
+            self.store.unbind_name(name)
+        return binding is not None
+
+    def name_bindings(self) -> dict[str, NameBinding]:
+        """The display names bound to DIDs (``name -> NameBinding``)."""
+        return dict(self._bindings)
+
+    def display_name_of(self, did: str) -> str | None:
+        """A name to show for ``did``: the name bound to it, else what it calls itself —
+        unless that name is bound to another DID (a squatter is never shown as the owner)."""
+        for binding in self._bindings.values():
+            if binding.did == did:
+                return binding.name
+        label = self._names.get(did)
+        if label is None:
+            return None
+        bound = self._bindings.get(label)
+        return label if bound is None or bound.did == did else None
+
+    # -- identity keys ------------------------------------------------------------------
+
+    def pinned_identity(self, did: str) -> KeyPin | None:
+        """The identity key pinned for ``did`` (None if we never saw one)."""
+        return self.protocol.pins.get(did)
+
+    def offered_identity(self, did: str) -> KeyPin | None:
+        """The last other key ``did`` presented and we refused (None if none)."""
+        return self.protocol.offered.get(did)
+
+    def fingerprint(self, did: str | None = None) -> str:
+        """Our fingerprint, or the pinned key's of ``did`` (30 digits).
+
+        Raises:
+            PeerNotFoundError: no key is pinned for ``did``.
+        """
+        if did is None or did == self.did:
+            return fingerprint(self.did, self.identity.x25519_public)
+        pin = self._need_pin(did)
+        return pin.fingerprint
+
+    def safety_number(self, did: str) -> str:
+        """Our and ``did``'s fingerprints in sorted order: the same 60 digits on both sides.
+
+        Compare it with the peer over another channel (as Signal's safety numbers): equal
+        numbers mean no one sits between the two keys.
+
+        Raises:
+            PeerNotFoundError: no key is pinned for ``did``.
+        """
+        pin = self._need_pin(did)
+        return safety_number(self.did, self.identity.x25519_public, did, pin.identity_key)
+
+    def _need_pin(self, did: str) -> KeyPin:
+        pin = self.protocol.pins.get(did)
+        if pin is None:
+            raise PeerNotFoundError(f"no identity key is pinned for {did} yet (no session with it so far)")
+        return pin
+
+    async def trust_identity(self, did: str, key: str | bytes) -> KeyPin:
+        """Accept a new identity key for ``did`` — only after checking it out of band.
+
+        ``key`` is the fingerprint of the key ``did`` offered (see :meth:`offered_identity`,
+        ``agt-mesh peer fingerprint``), or the X25519 key itself (32 bytes, base64url or hex
+        text) to pin a key learned elsewhere.  A session with the old key is forgotten.
+
+        Raises:
+            MeshConfigError: ``key`` matches neither the offered key nor a valid key.
+            IdentityBindingError: the key cannot belong to ``did`` (canonical DIDs).
+        """
+        if self.store is not None and not self._loaded:
+            raise MeshStateError("trust_identity() needs the state store: call connect() first")
+        raw = parse_identity_key(key)
+        if raw is None:
+            wanted = normalize_fingerprint(key) if isinstance(key, str) else None
+            candidates = [p for p in (self.protocol.offered.get(did), self.protocol.pins.get(did)) if p is not None]
+            match = [p for p in candidates if wanted is not None and p.fingerprint == wanted]
+            if not match:
+                raise MeshConfigError(
+                    f"{key!r} is not the fingerprint of a key {did} offered (see `agt-mesh peer fingerprint {did}`), "
+                    "nor a 32-byte X25519 key"
+                )
+            raw = match[0].identity_key
+        async with self._lock:
+            step = self.protocol.trust_identity(did, raw, self._clock())
+        await self._apply(step)
+        return self.protocol.pins[did]
 
     async def send(self, to: str, payload: Any, *, message_id: str | None = None) -> str:
         """Send ``payload`` (any JSON value) to ``to`` (DID or display name); returns the message id.
@@ -1002,8 +1186,11 @@ class MeshClient:
         Returns once the frames were handed to the relay.
 
         Raises:
-            PeerNotFoundError, BundleVerificationError, MeshTransportError (not connected
-            within ``send_timeout``), MeshConfigError (payload not JSON).
+            PeerNotFoundError, AmbiguousNameError (a name several agents claim),
+            BundleVerificationError, IdentityBindingError (the registry returned keys that
+            are not the peer's), IdentityChangedError (the peer's pinned key changed),
+            MeshTransportError (not connected within ``send_timeout``), MeshConfigError
+            (payload not JSON).
         """
         did = await self.resolve(to)
         transport = self._transport
@@ -1011,12 +1198,21 @@ class MeshClient:
             raise MeshTransportError("not connected to the relay; call connect() (or wait for reconnection)")
         if self.protocol.needs_session(did):
             bundle = await self.registry.fetch_bundle(did)
-            async with self._lock:
-                step = (
-                    self.protocol.establish(did, bundle, self._clock(), self._random)
-                    if self.protocol.needs_session(did)
-                    else Step()
-                )
+            try:
+                async with self._lock:
+                    step = (
+                        self.protocol.establish(did, bundle, self._clock(), self._random)
+                        if self.protocol.needs_session(did)
+                        else Step()
+                    )
+            except IdentityBindingError as exc:
+                await self._emit_error("identity_binding", did, str(exc))
+                raise
+            except IdentityChangedError:
+                async with self._lock:
+                    step = self.protocol.offer_identity(did, bundle.identity_key, self._clock())
+                await self._apply(step)  # records the offered key, reports identity_changed
+                raise
             await self._apply(step)
         async with self._lock:
             step, mid = self.protocol.send(did, payload, self._clock(), self._random, message_id=message_id)
@@ -1026,12 +1222,12 @@ class MeshClient:
         return mid
 
     async def discover(self, capability: str, *, limit: int = 50) -> list[AgentRecord]:
-        """Agents registered with ``capability`` (exact match), freshest first."""
-        records = await self.registry.discover(capability, limit=limit)
-        for r in records:
-            if r.display_name:
-                self._names.setdefault(r.did, r.display_name)
-        return records
+        """Agents registered with ``capability`` (exact match), freshest first.
+
+        Nothing here binds a name: several agents may claim the same one (see
+        :meth:`name_claims`, :meth:`resolve`).
+        """
+        return await self.registry.discover(capability, limit=limit)
 
     async def verify_tier(self, token: str) -> dict[str, Any]:
         """Ask the registry to upgrade us to the verified tier with an OAuth (Entra) token."""
@@ -1095,8 +1291,28 @@ class MeshClient:
         return msg
 
     def sessions(self) -> list[dict[str, Any]]:
-        """A summary of every session (counters only, no key material)."""
-        return self.protocol.session_summaries()
+        """A summary of every session (counters only, no key material).
+
+        ``undecryptable`` counts frames from the peer that did not decrypt since the last
+        one that did (they never change the session: they may be forged).
+        """
+        out = self.protocol.session_summaries()
+        for summary in out:
+            summary["undecryptable"] = self.protocol.undecryptable.get(summary["peer"], 0)
+        return out
 
     def __repr__(self) -> str:
         return f"MeshClient(did={self.did!r}, connected={self.is_connected})"
+
+
+def _ambiguous_text(name: str, claims: Sequence[NameClaim]) -> str:
+    rows = "; ".join(
+        f"{c.did} (key fingerprint {c.fingerprint or 'unknown: never talked to it'}, registered "
+        f"{c.registered_at or '?'}, last seen {c.last_seen or '?'})"
+        for c in claims
+    )
+    return (
+        f"{len(claims)} agents claim the name {name!r}: {rows}. Display names are claims anyone can make: "
+        f"send to the DID you mean, or bind the name to it (`agt-mesh peer bind {name} DID`, "
+        "MeshClient.bind_name)"
+    )

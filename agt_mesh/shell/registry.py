@@ -54,6 +54,7 @@ __all__ = [
     "RegistrationMode",
     "RegistrationShape",
     "RegistryClient",
+    "claims_name",
 ]
 
 logger = logging.getLogger("agt_mesh.registry")
@@ -220,6 +221,14 @@ def _freshness(record: AgentRecord) -> tuple[int, float]:
             seen = seen.replace(tzinfo=UTC)
         return (0, -seen.timestamp())
     return (1, 0.0)
+
+
+def claims_name(record: AgentRecord, name: str) -> bool:
+    """Whether ``record`` claims display name ``name``: its ``metadata.display_name`` when it
+    has one (the dev registry and ``GET /v1/agents``), else its capabilities (AGT discover
+    answers carry no metadata; clients register the display name as a capability)."""
+    shown = record.display_name
+    return shown == name if shown is not None else name in record.capabilities
 
 
 def _check_did(did: Any, what: str = "did") -> str:
@@ -677,13 +686,13 @@ class RegistryClient:
         records.sort(key=_freshness)
         return records
 
-    async def find_by_display_name(self, name: str) -> AgentRecord | None:
-        """The freshest agent whose display name is exactly ``name``, or None.
+    async def find_all_by_display_name(self, name: str) -> list[AgentRecord]:
+        """Every agent claiming display name ``name`` exactly, freshest first (one per DID).
 
         Agents publish their display name as a capability (the TypeScript SDK registers
-        ``displayName`` first), so this discovers by ``name`` and keeps exact matches only:
-        a record whose ``metadata.display_name`` is present must equal ``name``; otherwise
-        its capabilities must contain ``name``.  It never falls back to another record.
+        ``displayName`` first), so this discovers by ``name`` and keeps exact claims only
+        (:func:`claims_name`).  The registry vouches for none of them: a name is a claim
+        anyone can make (``MeshClient.resolve`` decides which DID a name means).
 
         Raises:
             MeshConfigError: if ``name`` is empty.
@@ -691,11 +700,24 @@ class RegistryClient:
         """
         if not isinstance(name, str) or not name:
             raise MeshConfigError("name must be a non-empty string")
+        out: dict[str, AgentRecord] = {}
         for record in await self.discover(name, limit=DISCOVER_LIMIT_MAX):
-            shown = record.display_name
-            if (shown == name) if shown is not None else (name in record.capabilities):
-                return record
-        return None
+            if claims_name(record, name):
+                out.setdefault(record.did, record)
+        return list(out.values())
+
+    async def find_by_display_name(self, name: str) -> AgentRecord | None:
+        """The freshest agent claiming display name ``name`` exactly, or None.
+
+        A lookup only — it decides nothing about trust: several agents may claim the name
+        (:meth:`find_all_by_display_name`); ``MeshClient.resolve`` refuses to guess.
+
+        Raises:
+            MeshConfigError: if ``name`` is empty.
+            MeshRegistryError: if the discover request fails.
+        """
+        found = await self.find_all_by_display_name(name)
+        return found[0] if found else None
 
     # -- presence, tier, removal -------------------------------------------------------
 

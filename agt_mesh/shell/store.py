@@ -2,10 +2,11 @@
 
 What it holds: pre-key private keys (signed, retired and one-time) and their id counters;
 every session's state (``PeerSession.to_bytes()``, msgpack); per-peer metadata (KDF
-profile, display name, E2E-verified latch); the ids of processed messages (bounded, for
-de-duplication of relay redeliveries); and the application inbox (decrypted messages not
-yet consumed).  The identity itself stays in ``identity.json``; the store records its DID
-and refuses to be used with another identity.
+profile, display name, E2E-verified latch); the identity key pinned for each peer DID and
+the last other key it offered (schema v3); display names bound to DIDs (schema v3); the
+ids of processed messages (bounded, for de-duplication of relay redeliveries); and the
+application inbox (decrypted messages not yet consumed).  The identity itself stays in
+``identity.json``; the store records its DID and refuses to be used with another identity.
 
 Durability rules (what makes restarts lose nothing):
 
@@ -29,13 +30,14 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agt_mesh.core.encoding import compact_json
 from agt_mesh.core.session import PeerSession
+from agt_mesh.core.trust import KeyPin, NameBinding, key_binds
 from agt_mesh.core.x3dh import KdfProfile, OneTimePreKey, PreKeyStore, SignedPreKey
 from agt_mesh.errors import MeshStateError
 from agt_mesh.shell.inbox import InboundMessage
@@ -44,7 +46,7 @@ from agt_mesh.shell.safefs import check_sqlite_files, check_state_dir, open_priv
 __all__ = ["SCHEMA_VERSION", "STORE_NAME", "PeerMeta", "StateStore", "check_state_dir"]
 
 STORE_NAME = "state.db"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: processed message ids kept for de-duplication
 SEEN_WINDOW = 20_000
 
@@ -68,7 +70,46 @@ _MIGRATIONS: dict[int, str] = {
         id TEXT PRIMARY KEY, peer TEXT NOT NULL, frame TEXT NOT NULL, sent_at REAL NOT NULL);
     ALTER TABLE peers ADD COLUMN receipts INTEGER NOT NULL DEFAULT 0;
     """,
+    # key continuity and names are claims (idempotent: safe to re-run after a crash)
+    3: """
+    CREATE TABLE IF NOT EXISTS identities (
+        did TEXT PRIMARY KEY, identity_key BLOB NOT NULL, since REAL NOT NULL, source TEXT NOT NULL,
+        offered_key BLOB, offered_since REAL, offered_source TEXT);
+    CREATE TABLE IF NOT EXISTS names (
+        name TEXT PRIMARY KEY, did TEXT NOT NULL, since REAL NOT NULL, source TEXT NOT NULL);
+    """,
 }
+
+
+def _backfill_v3(db: sqlite3.Connection) -> None:
+    """Pin the key of every stored session, and bind the display names a v2 store used.
+
+    A v2 store already trusted these keys (each session is bound to one); pinning them
+    keeps that trust across the upgrade instead of re-learning it from the next KNOCK.  A
+    session whose key does not belong to its canonical DID is not pinned.  Display names
+    carried by exactly one DID become bindings (``send NAME`` keeps its old meaning); a
+    name carried by several is left unbound.
+    """
+    for peer, state, updated in db.execute("SELECT peer, state, updated_at FROM sessions").fetchall():
+        try:
+            key = PeerSession.from_bytes(bytes(state)).peer_identity_key()
+        except MeshStateError:
+            continue  # reported when the sessions are loaded
+        if key is not None and key_binds(str(peer), key):
+            db.execute(
+                "INSERT OR IGNORE INTO identities(did, identity_key, since, source) VALUES (?, ?, ?, 'session')",
+                (peer, key, updated),
+            )
+    db.execute(
+        "INSERT OR IGNORE INTO names(name, did, since, source) "
+        "SELECT display_name, min(did), ?, 'migrated' FROM peers WHERE display_name IS NOT NULL "
+        "GROUP BY display_name HAVING count(*) = 1",
+        (time.time(),),
+    )
+
+
+#: migrations that need Python after their SQL (run in one transaction with the version bump)
+_BACKFILLS: dict[int, Callable[[sqlite3.Connection], None]] = {3: _backfill_v3}
 
 
 @dataclass(slots=True)
@@ -128,7 +169,12 @@ class StateStore:
             for v in range(version + 1, SCHEMA_VERSION + 1):
                 db.execute("BEGIN IMMEDIATE")
                 db.executescript(_MIGRATIONS[v].replace("\n    ", "\n"))  # executescript commits
+                db.execute("BEGIN IMMEDIATE")
+                backfill = _BACKFILLS.get(v)
+                if backfill is not None and not created:
+                    backfill(db)
                 db.execute(f"PRAGMA user_version={v}")
+                db.execute("COMMIT")
             db.execute("PRAGMA quick_check").fetchone()
         except sqlite3.DatabaseError as exc:
             raise MeshStateError(
@@ -264,6 +310,61 @@ class StateStore:
             )
         ]
 
+    def load_pins(self) -> list[tuple[KeyPin, KeyPin | None]]:
+        """Every pinned identity key, with the last other key offered for it (or None)."""
+        out = []
+        for did, key, since, source, okey, osince, osource in self.db.execute(
+            "SELECT did, identity_key, since, source, offered_key, offered_since, offered_source FROM identities"
+        ):
+            offered = KeyPin(did, bytes(okey), float(osince or 0), str(osource)) if okey is not None else None
+            out.append((KeyPin(did, bytes(key), float(since), str(source)), offered))
+        return out
+
+    def load_names(self) -> list[NameBinding]:
+        return [
+            NameBinding(name, did, float(since), str(source))
+            for name, did, since, source in self.db.execute("SELECT name, did, since, source FROM names")
+        ]
+
+    def bind_name(self, binding: NameBinding) -> None:
+        """Bind ``binding.name`` to ``binding.did`` (replacing an earlier binding of the name)."""
+        with self.transaction():
+            self.db.execute(
+                "INSERT OR REPLACE INTO names(name, did, since, source) VALUES (?, ?, ?, ?)",
+                (binding.name, binding.did, binding.since, binding.source),
+            )
+
+    def unbind_name(self, name: str) -> bool:
+        """Forget the binding of ``name``; whether there was one."""
+        with self.transaction():
+            before = self.db.total_changes
+            self.db.execute("DELETE FROM names WHERE name=?", (name,))
+            return self.db.total_changes > before
+
+    def _write_pins(self, identities: Iterable[tuple[str, KeyPin | None, KeyPin | None]]) -> None:
+        for did, pin, offered in identities:
+            if pin is None:
+                self.db.execute("DELETE FROM identities WHERE did=?", (did,))
+                continue
+            self.db.execute(
+                "INSERT OR REPLACE INTO identities(did, identity_key, since, source, offered_key, offered_since, "
+                "offered_source) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    did,
+                    pin.identity_key,
+                    pin.since,
+                    pin.source,
+                    offered.identity_key if offered else None,
+                    offered.since if offered else None,
+                    offered.source if offered else None,
+                ),
+            )
+
+    def save_pins(self, identities: Iterable[tuple[str, KeyPin | None, KeyPin | None]]) -> None:
+        """Write ``(did, pin, offered)`` rows (``pin`` None deletes the DID's row)."""
+        with self.transaction():
+            self._write_pins(identities)
+
     def load_unconfirmed(self) -> list[tuple[str, str, dict[str, Any], float]]:
         """``(peer, id, frame, sent_at)`` of sent messages awaiting a receipt, oldest first."""
         return [
@@ -295,6 +396,7 @@ class StateStore:
         prekeys: PreKeyStore | None = None,
         sent: Sequence[tuple[str, str, dict[str, Any]]] = (),
         confirmed: Sequence[str] = (),
+        identities: Sequence[tuple[str, KeyPin | None, KeyPin | None]] = (),
     ) -> None:
         """Write everything one protocol step changed, atomically.
 
@@ -344,6 +446,8 @@ class StateStore:
                     db.execute("DELETE FROM seen_ids WHERE seq <= ?", (last - SEEN_WINDOW,))
             if prekeys is not None and prekeys.version != self._prekey_version:
                 self._write_prekeys(prekeys)
+            if identities:
+                self._write_pins(identities)
 
     def _insert_inbox(self, rows: Sequence[tuple[InboundMessage, str]]) -> None:
         """Add messages (each with its payload as JSON text) to the durable inbox, once."""
@@ -396,6 +500,8 @@ class StateStore:
             "sessions": count("sessions"),
             "peers": count("peers"),
             "inbox": count("inbox"),
+            "pinned_keys": count("identities"),
+            "names": count("names"),
             "one_time_prekeys": count("one_time_prekeys"),
             "seen_ids": count("seen_ids"),
             "bytes": self.path.stat().st_size,
