@@ -982,3 +982,56 @@ def test_agent_record() -> None:
     for bad in bads:
         with pytest.raises(MeshRegistryError):
             AgentRecord.from_json(bad)
+
+
+# ----------------------------------------------------------------------------------
+# a hostile registry: answers that are not strict JSON, or never end
+# ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"did": NaN}', b'{"did": 1e400}', b"[" * 5000 + b"]" * 5000, b'{"did": "\xff"}'],
+    ids=["nan", "overflow", "deep", "not-utf8"],
+)
+async def test_a_registry_answer_that_is_not_strict_json_is_a_registry_error(body: bytes) -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"content-type": "application/json"})
+
+    async with RegistryClient(MOCK_URL, ME, transport=httpx.MockTransport(answer), retries=0) as reg:
+        with pytest.raises(MeshRegistryError, match="not valid JSON"):
+            await reg.get_agent("did:mesh:" + "ab" * 16)
+
+
+async def test_an_endless_registry_answer_is_cut_off_at_the_byte_limit() -> None:
+    """A "registry" streaming a body without end: the client stops reading at the limit."""
+    from agt_mesh.shell.registry import MAX_RESPONSE_BYTES
+
+    sent = 0
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+        chunk = b"[" * 65536
+        try:
+            while sent < 64 * MAX_RESPONSE_BYTES:
+                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                await writer.drain()
+                sent += len(chunk)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(endless, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with RegistryClient(f"http://127.0.0.1:{port}", ME, retries=0, timeout=30) as reg:
+            with pytest.raises(MeshRegistryError, match="exceeds"):
+                await reg.get_agent("did:mesh:" + "ab" * 16)
+    finally:
+        server.close()
+        await server.wait_closed()
+    # the client hung up soon after the limit (socket buffers hold a little more)
+    assert sent < 4 * MAX_RESPONSE_BYTES, sent

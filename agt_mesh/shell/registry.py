@@ -40,8 +40,10 @@ from agt_mesh import __version__
 from agt_mesh.core import registry_codec as codec
 from agt_mesh.core.frames import iso_timestamp
 from agt_mesh.core.identity import Identity
+from agt_mesh.core.strict_json import loads_strict
 from agt_mesh.core.x3dh import OneTimePreKey, PreKeyBundle, SignedPreKey
 from agt_mesh.errors import (
+    MalformedJsonError,
     MeshAuthError,
     MeshConfigError,
     MeshRegistryError,
@@ -66,6 +68,12 @@ RegistrationMode = Literal["auto", "pop", "legacy"]
 DISCOVER_LIMIT_MAX: Final = 200
 #: Longest ``verification_token`` the AGT registry accepts.
 VERIFICATION_TOKEN_MAX: Final = 8192
+
+#: Largest registry answer read.  The biggest legitimate one is a full discover page: 200
+#: records of a few KB each (a post-quantum key in the metadata is about 1.8 KB), well under
+#: 2 MiB; a registry (or anything on a plain-http path to it) sending more is cut off, so
+#: it cannot make the client buffer without bound.
+MAX_RESPONSE_BYTES: Final = 4 * 1024 * 1024
 
 _DETAIL_MAX = 200
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
@@ -167,8 +175,8 @@ def _detail(response: httpx.Response) -> str:
     offending ``input``, which may be a token, so that is never used.
     """
     try:
-        body = response.json()
-    except (ValueError, UnicodeDecodeError):
+        body = loads_strict(response.content, max_bytes=MAX_RESPONSE_BYTES, what="registry answer")
+    except MalformedJsonError:
         text = _clip(response.text) if response.content else ""
         return text or response.reason_phrase or "no detail"
     if isinstance(body, Mapping):
@@ -442,7 +450,7 @@ class RegistryClient:
             request = self._client.build_request(method, url, content=content, headers=headers)
             try:
                 async with asyncio.timeout(self._timeout):
-                    response = await self._client.send(request)
+                    response = await self._read_bounded(request)
             except (TimeoutError, httpx.TimeoutException):
                 reason = f"timed out after {self._timeout:g} s"
             except httpx.TransportError as exc:
@@ -475,6 +483,26 @@ class RegistryClient:
             status=None,
         )
 
+    async def _read_bounded(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` and read at most :data:`MAX_RESPONSE_BYTES` of the answer.
+
+        Raises:
+            MeshRegistryError: the answer is larger (nothing of it is used).
+        """
+        response = await self._client.send(request, stream=True)
+        try:
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_RESPONSE_BYTES:
+                    raise MeshRegistryError(
+                        f"registry answer to {request.method} {request.url.raw_path.decode()} exceeds "
+                        f"{MAX_RESPONSE_BYTES} bytes; refusing it (is the URL really an AgentMesh registry?)"
+                    )
+        finally:
+            await response.aclose()
+        return httpx.Response(response.status_code, headers=response.headers, content=bytes(body), request=request)
+
     def _error(self, response: httpx.Response, what: str) -> MeshRegistryError | MeshAuthError:
         """Map a non-success response to the exception to raise."""
         status = response.status_code
@@ -506,8 +534,8 @@ class RegistryClient:
                 status=response.status_code,
             )
         try:
-            return response.json()
-        except (ValueError, UnicodeDecodeError):
+            return loads_strict(response.content, max_bytes=MAX_RESPONSE_BYTES, what="registry answer")
+        except MalformedJsonError:
             raise MeshRegistryError(
                 f"registry {what}: HTTP {response.status_code} with a body that is not valid "
                 "JSON (is the URL really an AgentMesh registry?)",
