@@ -53,6 +53,7 @@ const state = {
   km: null,
   client: null,
   generation: 0, // bumped by restart; events of older clients are ignored
+  attached: null, // resolves at the first frame the relay writes to the newest socket
   inbox: [], // [{from, payload, plaintext}]
   waiters: new Set(),
   errors: [], // onError: {kind, peer, detail}
@@ -80,6 +81,11 @@ function makeIdentity(seedHex) {
 function wsFactory(gen) {
   return (url) => {
     const ws = new WebSocket(url);
+    // The relay writes nothing to a socket before it has processed its connect frame, so
+    // the first frame it sends (the answer to fetch_pending: pending_messages or an error)
+    // means the connection is attached; frames routed to us from then on are live.
+    let attached;
+    state.attached = new Promise((resolve) => (attached = resolve));
     const send = ws.send.bind(ws);
     ws.send = (data, ...rest) => {
       if (state.holding && gen === state.generation) {
@@ -102,6 +108,7 @@ function wsFactory(gen) {
       return send(data, ...rest);
     };
     ws.addEventListener("message", (ev) => {
+      attached();
       if (gen !== state.generation) return;
       let f;
       try {
@@ -231,8 +238,18 @@ async function connectFresh() {
   }
   state.client = newClient(reg, km);
   await state.client.connect();
+  await whenAttached();
   startHeartbeat();
   return { register_status: status };
+}
+
+// `connect()` resolves when the socket opens, before the relay has attached it: a frame
+// routed to us in that window is stored (and KNOCKs stored for a TypeScript peer, which never
+// acks them, come back after every restart). Wait for the relay's first frame, briefly.
+async function whenAttached() {
+  const wait = state.attached;
+  if (!wait) return;
+  await Promise.race([wait, new Promise((resolve) => setTimeout(resolve, 5000))]);
 }
 
 function take(from, n) {
@@ -287,6 +304,7 @@ const commands = {
       return { connected: state.client.isConnected, ...r };
     }
     await state.client.connect();
+    await whenAttached();
     startHeartbeat();
     return { connected: state.client.isConnected };
   },
