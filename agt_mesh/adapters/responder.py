@@ -47,7 +47,7 @@ import httpx
 
 from agt_mesh.adapters import envelopes as envs
 from agt_mesh.adapters.tools import MeshTools, is_did, peer_label
-from agt_mesh.errors import MeshConfigError, MeshError
+from agt_mesh.errors import HermesAPIError, MeshConfigError, MeshError
 from agt_mesh.shell.inbox import InboundMessage
 
 __all__ = [
@@ -375,18 +375,6 @@ class AutoResponder:
 
 
 # -- Hermes API server backend -------------------------------------------------------------
-
-
-class HermesAPIError(Exception):
-    """The Hermes API server could not answer; ``kind`` is ``connection_refused``,
-    ``unauthorized``, ``timeout``, ``http_error`` or ``bad_response``.  ``body`` holds the
-    start of the server's error body, if any (it may echo the request: log it at DEBUG
-    only, never send it to a peer)."""
-
-    def __init__(self, kind: str, message: str, *, body: str = "") -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.body = body
 
 
 _DEFAULT_SYSTEM = (

@@ -68,7 +68,6 @@ from agt_mesh.adapters.files import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_FILE_BYTES,
     FileReceiver,
-    FileTransferError,
     ReceivedFile,
     TransferLimits,
     plan_envelopes,
@@ -76,10 +75,12 @@ from agt_mesh.adapters.files import (
 )
 from agt_mesh.adapters.paths import FileRoots, default_file_dirs
 from agt_mesh.errors import (
+    FileTransferError,
     MeshAuthError,
     MeshConfigError,
     MeshError,
     MeshRegistryError,
+    MeshToolError,
     MeshTransportError,
     PeerNotFoundError,
 )
@@ -180,13 +181,8 @@ class _Window:
         return True
 
 
-class ToolError(Exception):
-    """A tool failure reported to the model as ``{"error": {"kind", "message"}}``."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
+#: The name the tool error had before it joined the :class:`~agt_mesh.errors.MeshError` tree.
+ToolError = MeshToolError
 
 
 def error_result(kind: str, message: str) -> dict[str, Any]:
@@ -558,10 +554,8 @@ class MeshTools:
             return error_result("invalid_argument", "arguments must be a JSON object")
         try:
             return await spec.handler(args)
-        except ToolError as exc:
+        except MeshToolError as exc:  # FileTransferError and PathRefused too
             return error_result(exc.kind, exc.message)
-        except FileTransferError as exc:
-            return error_result(exc.kind, str(exc))
         except PeerNotFoundError as exc:
             return error_result("peer_not_found", str(exc))
         except MeshConfigError as exc:
