@@ -118,12 +118,17 @@ def correlation_id(env: dict[str, Any]) -> str | None:
     return None
 
 
-def task_request(content: str, request_id: str, *, from_agent: str | None) -> dict[str, Any]:
-    env: dict[str, Any] = {"type": TASK_REQUEST, "content": content, "request_id": request_id}
+def _stamped(env: dict[str, Any], from_agent: str | None, extra: dict[str, Any]) -> dict[str, Any]:
+    """``env`` with the sender's declared name, the extra fields and the timestamp, last."""
     if from_agent:
         env["from_agent"] = from_agent
+    env.update(extra)
     env["timestamp"] = iso_now()
     return env
+
+
+def task_request(content: str, request_id: str, *, from_agent: str | None) -> dict[str, Any]:
+    return _stamped({"type": TASK_REQUEST, "content": content, "request_id": request_id}, from_agent, {})
 
 
 def task_response(
@@ -131,13 +136,8 @@ def task_response(
 ) -> dict[str, Any]:
     env: dict[str, Any] = {"type": TASK_RESPONSE, "content": content, "ok": ok}
     if in_reply_to:
-        env["in_reply_to"] = in_reply_to
-        env["request_id"] = in_reply_to
-    if from_agent:
-        env["from_agent"] = from_agent
-    env.update(extra)
-    env["timestamp"] = iso_now()
-    return env
+        env.update(in_reply_to=in_reply_to, request_id=in_reply_to)
+    return _stamped(env, from_agent, extra)
 
 
 def task_progress(
@@ -145,13 +145,8 @@ def task_progress(
 ) -> dict[str, Any]:
     env: dict[str, Any] = {"type": TASK_PROGRESS, "stage": stage, "content": content}
     if request_id:
-        env["request_id"] = request_id
-        env["in_reply_to"] = request_id
-    if from_agent:
-        env["from_agent"] = from_agent
-    env.update(extra)
-    env["timestamp"] = iso_now()
-    return env
+        env.update(request_id=request_id, in_reply_to=request_id)
+    return _stamped(env, from_agent, extra)
 
 
 def file_transfer(
