@@ -1,5 +1,5 @@
 """One exception tree: every exception class the package defines is a ``MeshError``, and the
-tool errors keep what they carry for the model and the peer."""
+tool errors reach the model as ``{"error": {"kind", "message"}}``."""
 
 from __future__ import annotations
 
@@ -10,13 +10,17 @@ import pkgutil
 import pytest
 
 import agt_mesh
+from agt_mesh.adapters.tools.spec import error_for
 from agt_mesh.cli.errors import EXIT_IO, CliError, exit_code_for
 from agt_mesh.errors import (
     FileTransferError,
     HermesAPIError,
+    MeshConfigError,
     MeshError,
     MeshToolError,
+    MeshTransportError,
     PathRefused,
+    PeerNotFoundError,
 )
 
 
@@ -39,6 +43,27 @@ def test_every_exception_class_of_the_package_is_a_mesh_error() -> None:
         classes
     )
     assert [name for name, cls in classes.items() if not issubclass(cls, MeshError)] == []
+
+
+def test_tool_errors_are_shown_to_the_model_as_kind_and_message() -> None:
+    cases: list[tuple[Exception, dict[str, str]]] = [
+        (
+            MeshToolError("invalid_argument", "'to' is required"),
+            {"kind": "invalid_argument", "message": "'to' is required"},
+        ),
+        (FileTransferError("too_large", "f is 9 bytes"), {"kind": "too_large", "message": "f is 9 bytes"}),
+        (PathRefused("protected_path", "never sent"), {"kind": "protected_path", "message": "never sent"}),
+        (PeerNotFoundError("no agent x"), {"kind": "peer_not_found", "message": "no agent x"}),
+        (MeshConfigError("bad"), {"kind": "invalid_argument", "message": "bad"}),
+        (MeshTransportError("closed"), {"kind": "transport", "message": "closed"}),
+        (MeshError("other"), {"kind": "mesh", "message": "other"}),
+        (TimeoutError(), {"kind": "timeout", "message": "mesh_send timed out"}),
+    ]
+    for exc, shown in cases:
+        assert error_for(exc, "mesh_send") == {"error": shown}, exc
+    # anything else is named by its class only: its text may hold local paths
+    leaked = error_for(OSError("/home/me/.agt-mesh/identity.json: denied"), "mesh_send")
+    assert leaked == {"error": {"kind": "internal", "message": "mesh_send failed with an internal error (OSError)"}}
 
 
 def test_subclasses_keep_their_own_fields() -> None:

@@ -24,7 +24,7 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -178,6 +178,20 @@ async def _connect(client: Any) -> None:
         raise CliError(f"cannot connect: {exc}", EXIT_IO) from None
 
 
+@contextlib.asynccontextmanager
+async def _connected_tools(args: argparse.Namespace) -> AsyncIterator[MeshTools]:
+    """The tools on a connected client for ``args``, not started yet (hooks go in first);
+    closed and disconnected on the way out."""
+    client, config = _open_client(args)
+    tools = _tools(client, config)
+    await _connect(client)
+    try:
+        yield tools
+    finally:
+        await tools.close()
+        await client.disconnect()
+
+
 def _run(prog: str, coro: Any) -> int:
     try:
         return int(asyncio.run(coro))
@@ -219,16 +233,10 @@ async def _serve_mcp(args: argparse.Namespace) -> int:
         _import_mcp()
     except RuntimeError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
-    client, config = _open_client(args)
-    tools = _tools(client, config)
-    await _connect(client)
-    try:
+    async with _connected_tools(args) as tools:
         tools.start()
-        log.info("MCP server for %s (%s) on stdio", client.did, client.display_name)
+        log.info("MCP server for %s (%s) on stdio", tools.client.did, tools.client.display_name)
         await serve_stdio(tools, args.server_name)
-    finally:
-        await tools.close()
-        await client.disconnect()
     return EXIT_OK
 
 
@@ -433,33 +441,31 @@ async def _bridge(args: argparse.Namespace) -> int:
                 await backend.health()
             except HermesAPIError as exc:
                 raise CliError(str(exc), EXIT_AUTH if exc.kind == "unauthorized" else EXIT_IO) from None
-        client, config = _open_client(args)
-        tools = _tools(client, config)
-        await _connect(client)
-        responder = AutoResponder(
-            tools,
-            backend,
-            allow=allow,
-            max_per_peer=args.rate_limit,
-            concurrency=args.concurrency,
-            timeout=args.timeout,
-        )
-        responder.attach()
+        async with _connected_tools(args) as tools:
+            client = tools.client
+            responder = AutoResponder(
+                tools,
+                backend,
+                allow=allow,
+                max_per_peer=args.rate_limit,
+                concurrency=args.concurrency,
+                timeout=args.timeout,
+            )
+            responder.attach()
 
-        def other(msg: Any) -> None:  # nobody reads this agent's inbox: log and drop the rest
-            view = tools.view(msg)
-            log.info("message from %s (%s, not an allowed task request) dropped", msg.sender, view.get("type"))
-            log.debug("dropped message text: %r", view.get("content"))
-            client.inbox.drain(lambda m: m is msg)
-            client.consume(msg)
+            def other(msg: Any) -> None:  # nobody reads this agent's inbox: log and drop the rest
+                view = tools.view(msg)
+                log.info("message from %s (%s, not an allowed task request) dropped", msg.sender, view.get("type"))
+                log.debug("dropped message text: %r", view.get("content"))
+                client.inbox.drain(lambda m: m is msg)
+                client.consume(msg)
 
-        tools.add_listener(other)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
-        try:
+            tools.add_listener(other)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, stop.set)
             tools.start()
             print(
                 f"agt-mesh bridge hermes: {client.did} ({client.display_name or 'no display name'}) answers "
@@ -468,9 +474,6 @@ async def _bridge(args: argparse.Namespace) -> int:
                 flush=True,
             )
             await stop.wait()
-        finally:
-            await tools.close()
-            await client.disconnect()
     finally:
         await backend.aclose()
     return EXIT_OK

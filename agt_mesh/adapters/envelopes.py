@@ -42,6 +42,8 @@ from typing import Any
 __all__ = [
     "FILE_ACK",
     "FILE_CHUNK",
+    "FILE_FAILED",
+    "FILE_RECEIVED",
     "FILE_TRANSFER",
     "INTERNAL_TYPES",
     "PEERS_UPDATE",
@@ -67,6 +69,9 @@ FILE_TRANSFER = "file_transfer"
 FILE_CHUNK = "file_transfer_chunk"
 FILE_ACK = "file_transfer_ack"
 PEERS_UPDATE = "peers_update"
+#: Local notices the tools put in the inbox in place of a file transfer (never sent).
+FILE_RECEIVED = "file_received"
+FILE_FAILED = "file_transfer_failed"
 
 #: Envelope types the tools never show to the model as messages.
 INTERNAL_TYPES = frozenset({TASK_PROGRESS, FILE_ACK, FILE_CHUNK})
