@@ -22,9 +22,18 @@ flat on purpose, so callers can catch what they can act on::
     ├── MeshStateError           the durable state could not be read or written
     ├── MeshTransportError       relay connection problems (timeouts, closes, the writer lock)
     ├── MeshAuthError            the relay or registry refused our credentials
+    ├── MeshToolError            a tool call failed; ``kind`` is the label the model is shown
+    │   ├── FileTransferError    a file cannot be sent or received (``peer_message`` for the peer)
+    │   │   └── PathRefused      a path the file tools never use
+    │   └── HermesAPIError       the auto-responder's Hermes API server could not answer
     └── MeshRegistryError        the registry answered with an error
         ├── PeerNotFoundError    no such agent / no pre-key bundle
         └── AmbiguousNameError   several agents claim a display name nobody bound yet
+
+Three classes defined next to the code that raises them join the tree too:
+``agt_mesh.cli.errors.CliError`` (a :class:`MeshError` carrying the command's exit code),
+``agt_mesh.vectors.Mismatch`` (a :class:`MeshError`: a test vector did not reproduce) and the
+development registry's error answers (:class:`MeshRegistryError` with the HTTP status).
 
 Messages never contain private key material.  Where the user can fix the problem, the
 message says how.
@@ -41,6 +50,8 @@ __all__ = [
     "DecryptError",
     "DowngradeError",
     "DuplicateMessageError",
+    "FileTransferError",
+    "HermesAPIError",
     "IdentityBindingError",
     "IdentityChangedError",
     "IdentityFileError",
@@ -53,9 +64,11 @@ __all__ = [
     "MeshProtocolError",
     "MeshRegistryError",
     "MeshStateError",
+    "MeshToolError",
     "MeshTransportError",
     "MessageAuthError",
     "NameClaim",
+    "PathRefused",
     "PeerNotFoundError",
     "PreKeyNotFoundError",
     "TooManySkippedError",
@@ -187,6 +200,58 @@ class MeshTransportError(MeshError):
 
 class MeshAuthError(MeshError):
     """The relay or registry refused our credentials (proof of possession, token, signature)."""
+
+
+class MeshToolError(MeshError):
+    """A tool call failed; the model is shown ``{"error": {"kind": kind, "message": message}}``.
+
+    ``kind`` is a short stable label (``invalid_argument``, ``peer_not_found``,
+    ``not_found`` ...); ``message`` says what went wrong in words the model can act on.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+#: What the sender of a file is told when a transfer fails for a reason that concerns the
+#: receiver, not the sender's data (its paths, disk and quotas stay private).
+_FILE_PEER_MESSAGES = {
+    "quota_exceeded": "the receiver's storage quota for files from you is used up; retry later",
+    "busy": "the receiver has too many file transfers in progress; retry later",
+    "evicted": "the transfer was dropped to make room for other senders' transfers; send it again",
+    "expired": "the transfer was dropped after a pause in its chunks; send it again",
+    "save_failed": "the receiver could not save the file",
+}
+
+
+class FileTransferError(MeshToolError):
+    """A file transfer that cannot proceed; ``kind`` is a short stable label.
+
+    ``peer_message`` is what the sender may be told: the message itself when it is about the
+    sender's data, a generic text when it is about the receiver (paths, disk, quotas).
+    """
+
+    def __init__(self, kind: str, message: str, *, peer_message: str | None = None) -> None:
+        super().__init__(kind, message)
+        self.peer_message = peer_message if peer_message is not None else _FILE_PEER_MESSAGES.get(kind, message)
+
+
+class PathRefused(FileTransferError):
+    """A path the file tools must not use; ``kind`` is ``invalid_argument``, ``not_found``,
+    ``path_outside_root``, ``protected_path``, ``not_a_file`` or ``read_failed``."""
+
+
+class HermesAPIError(MeshToolError):
+    """The Hermes API server could not answer; ``kind`` is ``connection_refused``,
+    ``unauthorized``, ``timeout``, ``http_error`` or ``bad_response``.  ``body`` holds the
+    start of the server's error body, if any (it may echo the request: log it at DEBUG
+    only, never send it to a peer)."""
+
+    def __init__(self, kind: str, message: str, *, body: str = "") -> None:
+        super().__init__(kind, message)
+        self.body = body
 
 
 class MeshRegistryError(MeshError):

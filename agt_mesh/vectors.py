@@ -52,7 +52,7 @@ __all__ = ["FORMAT", "CaseResult", "main", "verify_document", "verify_files"]
 FORMAT = "agt-mesh-vectors/1"
 
 
-class Mismatch(Exception):
+class Mismatch(MeshError):
     """A case did not reproduce."""
 
 

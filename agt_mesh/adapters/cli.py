@@ -24,11 +24,12 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from agt_mesh.adapters.tools import AdapterConfig, MeshTools
+from agt_mesh.cli.errors import CliError
 from agt_mesh.config_env import relay_token_from_env
 
 __all__ = ["main_bridge_hermes", "main_hermes_install", "main_mcp", "main_openclaw_bundle"]
@@ -43,12 +44,6 @@ DEFAULT_RELAY = "http://127.0.0.1:8083"
 DEFAULT_REGISTRY = "http://127.0.0.1:8082"
 
 log = logging.getLogger("agt_mesh.adapters.cli")
-
-
-class _Failure(Exception):
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class _Parser(argparse.ArgumentParser):
@@ -124,7 +119,7 @@ def _open_client(args: argparse.Namespace) -> tuple[Any, AdapterConfig]:
     identity = state_dir / "identity.json"
     if not identity.exists():
         if args.no_create_identity:
-            raise _Failure(
+            raise CliError(
                 f"no identity at {identity}; create one with: agt-mesh identity new --state-dir {state_dir}", 1
             )
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -144,7 +139,7 @@ def _open_client(args: argparse.Namespace) -> tuple[Any, AdapterConfig]:
     sources = frozenset(s.strip() for s in (args.roster_from or "").split(",") if s.strip())
     names = sorted(s for s in sources if not is_did(s))
     if names:
-        raise _Failure(
+        raise CliError(
             f"--roster-from takes DIDs (display names are claims anyone can register): {', '.join(names)}", EXIT_USAGE
         )
     config = AdapterConfig(
@@ -165,7 +160,7 @@ def _tools(client: Any, config: AdapterConfig) -> MeshTools:
     try:
         return MeshTools(client, config)
     except MeshConfigError as exc:
-        raise _Failure(str(exc), EXIT_USAGE) from None
+        raise CliError(str(exc), EXIT_USAGE) from None
 
 
 async def _connect(client: Any) -> None:
@@ -174,19 +169,33 @@ async def _connect(client: Any) -> None:
     try:
         await client.connect()
     except MeshAuthError as exc:
-        raise _Failure(str(exc), EXIT_AUTH) from None
+        raise CliError(str(exc), EXIT_AUTH) from None
     except MeshConfigError as exc:
-        raise _Failure(str(exc), EXIT_USAGE) from None
+        raise CliError(str(exc), EXIT_USAGE) from None
     except MeshError as exc:  # LockHeldError (a second server for this identity) lands here
-        raise _Failure(str(exc), EXIT_IO) from None
+        raise CliError(str(exc), EXIT_IO) from None
     except OSError as exc:
-        raise _Failure(f"cannot connect: {exc}", EXIT_IO) from None
+        raise CliError(f"cannot connect: {exc}", EXIT_IO) from None
+
+
+@contextlib.asynccontextmanager
+async def _connected_tools(args: argparse.Namespace) -> AsyncIterator[MeshTools]:
+    """The tools on a connected client for ``args``, not started yet (hooks go in first);
+    closed and disconnected on the way out."""
+    client, config = _open_client(args)
+    tools = _tools(client, config)
+    await _connect(client)
+    try:
+        yield tools
+    finally:
+        await tools.close()
+        await client.disconnect()
 
 
 def _run(prog: str, coro: Any) -> int:
     try:
         return int(asyncio.run(coro))
-    except _Failure as exc:
+    except CliError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
@@ -223,17 +232,11 @@ async def _serve_mcp(args: argparse.Namespace) -> int:
     try:
         _import_mcp()
     except RuntimeError as exc:
-        raise _Failure(str(exc), EXIT_USAGE) from None
-    client, config = _open_client(args)
-    tools = _tools(client, config)
-    await _connect(client)
-    try:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    async with _connected_tools(args) as tools:
         tools.start()
-        log.info("MCP server for %s (%s) on stdio", client.did, client.display_name)
+        log.info("MCP server for %s (%s) on stdio", tools.client.did, tools.client.display_name)
         await serve_stdio(tools, args.server_name)
-    finally:
-        await tools.close()
-        await client.disconnect()
     return EXIT_OK
 
 
@@ -295,7 +298,7 @@ def _server_command(command: str | None, python_module: bool) -> tuple[str, list
     if command:
         found = shutil.which(command)
         if found is None:
-            raise _Failure(f"--command {command!r} is not an executable (nor on PATH)", EXIT_USAGE)
+            raise CliError(f"--command {command!r} is not an executable (nor on PATH)", EXIT_USAGE)
         return os.path.abspath(found), ["mcp"]
     beside = Path(sys.executable).parent / "agt-mesh"  # the script of the environment running us
     if beside.is_file() and os.access(beside, os.X_OK):
@@ -357,7 +360,7 @@ def main_openclaw_bundle(argv: Sequence[str] | None = None) -> int:
     try:
         command, prefix = _server_command(args.command, args.python_module)
         written = write_bundle(directory, command=command, args=[*prefix, *server_args], force=args.force)
-    except _Failure as exc:
+    except CliError as exc:
         print(f"agt-mesh openclaw-bundle: error: {exc}", file=sys.stderr)
         return exc.code
     except FileExistsError as exc:
@@ -417,10 +420,10 @@ async def _bridge(args: argparse.Namespace) -> int:
     try:
         allow = parse_allow([*args.allow, _env("AGT_MESH_ALLOW", "") or ""])
     except MeshConfigError as exc:
-        raise _Failure(str(exc), EXIT_USAGE) from None
+        raise CliError(str(exc), EXIT_USAGE) from None
     if not allow:
         # the bridge spends the user's API key on what peers write: nobody by default
-        raise _Failure(
+        raise CliError(
             "no peer is allowed: name the DIDs whose requests this bridge answers with --allow DID "
             "(repeatable) or AGT_MESH_ALLOW; requests from anyone else are never forwarded to the API server",
             EXIT_USAGE,
@@ -437,34 +440,32 @@ async def _bridge(args: argparse.Namespace) -> int:
             try:
                 await backend.health()
             except HermesAPIError as exc:
-                raise _Failure(str(exc), EXIT_AUTH if exc.kind == "unauthorized" else EXIT_IO) from None
-        client, config = _open_client(args)
-        tools = _tools(client, config)
-        await _connect(client)
-        responder = AutoResponder(
-            tools,
-            backend,
-            allow=allow,
-            max_per_peer=args.rate_limit,
-            concurrency=args.concurrency,
-            timeout=args.timeout,
-        )
-        responder.attach()
+                raise CliError(str(exc), EXIT_AUTH if exc.kind == "unauthorized" else EXIT_IO) from None
+        async with _connected_tools(args) as tools:
+            client = tools.client
+            responder = AutoResponder(
+                tools,
+                backend,
+                allow=allow,
+                max_per_peer=args.rate_limit,
+                concurrency=args.concurrency,
+                timeout=args.timeout,
+            )
+            responder.attach()
 
-        def other(msg: Any) -> None:  # nobody reads this agent's inbox: log and drop the rest
-            view = tools.view(msg)
-            log.info("message from %s (%s, not an allowed task request) dropped", msg.sender, view.get("type"))
-            log.debug("dropped message text: %r", view.get("content"))
-            client.inbox.drain(lambda m: m is msg)
-            client.consume(msg)
+            def other(msg: Any) -> None:  # nobody reads this agent's inbox: log and drop the rest
+                view = tools.view(msg)
+                log.info("message from %s (%s, not an allowed task request) dropped", msg.sender, view.get("type"))
+                log.debug("dropped message text: %r", view.get("content"))
+                client.inbox.drain(lambda m: m is msg)
+                client.consume(msg)
 
-        tools.add_listener(other)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
-        try:
+            tools.add_listener(other)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, stop.set)
             tools.start()
             print(
                 f"agt-mesh bridge hermes: {client.did} ({client.display_name or 'no display name'}) answers "
@@ -473,9 +474,6 @@ async def _bridge(args: argparse.Namespace) -> int:
                 flush=True,
             )
             await stop.wait()
-        finally:
-            await tools.close()
-            await client.disconnect()
     finally:
         await backend.aclose()
     return EXIT_OK

@@ -42,6 +42,8 @@ from typing import Any
 __all__ = [
     "FILE_ACK",
     "FILE_CHUNK",
+    "FILE_FAILED",
+    "FILE_RECEIVED",
     "FILE_TRANSFER",
     "INTERNAL_TYPES",
     "PEERS_UPDATE",
@@ -67,6 +69,9 @@ FILE_TRANSFER = "file_transfer"
 FILE_CHUNK = "file_transfer_chunk"
 FILE_ACK = "file_transfer_ack"
 PEERS_UPDATE = "peers_update"
+#: Local notices the tools put in the inbox in place of a file transfer (never sent).
+FILE_RECEIVED = "file_received"
+FILE_FAILED = "file_transfer_failed"
 
 #: Envelope types the tools never show to the model as messages.
 INTERNAL_TYPES = frozenset({TASK_PROGRESS, FILE_ACK, FILE_CHUNK})
@@ -118,12 +123,17 @@ def correlation_id(env: dict[str, Any]) -> str | None:
     return None
 
 
-def task_request(content: str, request_id: str, *, from_agent: str | None) -> dict[str, Any]:
-    env: dict[str, Any] = {"type": TASK_REQUEST, "content": content, "request_id": request_id}
+def _stamped(env: dict[str, Any], from_agent: str | None, extra: dict[str, Any]) -> dict[str, Any]:
+    """``env`` with the sender's declared name, the extra fields and the timestamp, last."""
     if from_agent:
         env["from_agent"] = from_agent
+    env.update(extra)
     env["timestamp"] = iso_now()
     return env
+
+
+def task_request(content: str, request_id: str, *, from_agent: str | None) -> dict[str, Any]:
+    return _stamped({"type": TASK_REQUEST, "content": content, "request_id": request_id}, from_agent, {})
 
 
 def task_response(
@@ -131,13 +141,8 @@ def task_response(
 ) -> dict[str, Any]:
     env: dict[str, Any] = {"type": TASK_RESPONSE, "content": content, "ok": ok}
     if in_reply_to:
-        env["in_reply_to"] = in_reply_to
-        env["request_id"] = in_reply_to
-    if from_agent:
-        env["from_agent"] = from_agent
-    env.update(extra)
-    env["timestamp"] = iso_now()
-    return env
+        env.update(in_reply_to=in_reply_to, request_id=in_reply_to)
+    return _stamped(env, from_agent, extra)
 
 
 def task_progress(
@@ -145,13 +150,8 @@ def task_progress(
 ) -> dict[str, Any]:
     env: dict[str, Any] = {"type": TASK_PROGRESS, "stage": stage, "content": content}
     if request_id:
-        env["request_id"] = request_id
-        env["in_reply_to"] = request_id
-    if from_agent:
-        env["from_agent"] = from_agent
-    env.update(extra)
-    env["timestamp"] = iso_now()
-    return env
+        env.update(request_id=request_id, in_reply_to=request_id)
+    return _stamped(env, from_agent, extra)
 
 
 def file_transfer(

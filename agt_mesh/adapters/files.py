@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from agt_mesh.adapters import envelopes as envs
-from agt_mesh.adapters.paths import FileRoots, PathRefused, fd_path, make_private_dirs, open_below_root
+from agt_mesh.adapters.paths import FileRoots, fd_path, make_private_dirs, open_below_root
+from agt_mesh.errors import FileTransferError
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -108,28 +109,6 @@ _SPOOL_RE = re.compile(r"^\.agt-mesh-[0-9a-f]{16}\.partial$")
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-
-#: What the sender is told for failures that concern the receiver, not the sender's data.
-_GENERIC = {
-    "quota_exceeded": "the receiver's storage quota for files from you is used up; retry later",
-    "busy": "the receiver has too many file transfers in progress; retry later",
-    "evicted": "the transfer was dropped to make room for other senders' transfers; send it again",
-    "expired": "the transfer was dropped after a pause in its chunks; send it again",
-    "save_failed": "the receiver could not save the file",
-}
-
-
-class FileTransferError(Exception):
-    """A transfer that cannot proceed; ``kind`` is a short stable label.
-
-    ``peer_message`` is what the sender may be told: the message itself when it is about the
-    sender's data, a generic text when it is about the receiver (paths, disk, quotas).
-    """
-
-    def __init__(self, kind: str, message: str, *, peer_message: str | None = None) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.peer_message = peer_message if peer_message is not None else _GENERIC.get(kind, message)
 
 
 @dataclass(frozen=True)
@@ -285,14 +264,12 @@ def read_outgoing(file_path: object, roots: FileRoots, *, max_bytes: int = DEFAU
     resolve below it.  The file is opened once and checked through that descriptor.
 
     Raises:
-        FileTransferError: ``invalid_argument``, ``not_found``, ``path_outside_root``,
-            ``protected_path``, ``not_a_file``, ``too_large`` (before anything is read),
-            ``read_failed``.
+        FileTransferError: ``too_large`` (before anything is read), ``read_failed``; or its
+            subclass :class:`~agt_mesh.errors.PathRefused` for a path that is never read
+            (``invalid_argument``, ``not_found``, ``path_outside_root``, ``protected_path``,
+            ``not_a_file``, ``read_failed``).
     """
-    try:
-        fd, st, relative = open_below_root(file_path, roots)
-    except PathRefused as exc:
-        raise FileTransferError(exc.kind, str(exc)) from None
+    fd, st, relative = open_below_root(file_path, roots)
     try:
         if st.st_size > max_bytes:
             raise FileTransferError(

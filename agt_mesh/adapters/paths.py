@@ -36,7 +36,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agt_mesh.errors import MeshConfigError
+from agt_mesh.errors import MeshConfigError, PathRefused
 
 __all__ = [
     "FileRoots",
@@ -56,16 +56,6 @@ _O_NOCTTY = getattr(os, "O_NOCTTY", 0)
 
 #: Suffix of the files-home directory created next to a state directory.
 FILES_HOME_SUFFIX = "-files"
-
-
-class PathRefused(Exception):
-    """A path the file tools must not use; ``kind`` is a short stable label:
-    ``invalid_argument``, ``not_found``, ``path_outside_root``, ``protected_path``,
-    ``not_a_file`` or ``read_failed``."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 def default_file_dirs(state_dir: str | os.PathLike[str] | None) -> tuple[Path, Path]:

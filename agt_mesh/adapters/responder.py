@@ -46,8 +46,9 @@ from typing import Any
 import httpx
 
 from agt_mesh.adapters import envelopes as envs
+from agt_mesh.adapters.bounded import RateWindow
 from agt_mesh.adapters.tools import MeshTools, is_did, peer_label
-from agt_mesh.errors import MeshConfigError, MeshError
+from agt_mesh.errors import HermesAPIError, MeshConfigError, MeshError
 from agt_mesh.shell.inbox import InboundMessage
 
 __all__ = [
@@ -128,43 +129,6 @@ def parse_allow(values: Iterable[str]) -> frozenset[str]:
     return frozenset(out)
 
 
-#: Peers a rate limiter keeps counters for (the least recently seen are forgotten first), so
-#: a flood from many identities cannot grow it without bound.
-_MAX_TRACKED_PEERS = 4096
-
-
-class _RateLimiter:
-    def __init__(self, limit: int, window: float) -> None:
-        self.limit = limit
-        self.window = window
-        self._hits: collections.OrderedDict[str, collections.deque[float]] = collections.OrderedDict()
-        self._notified: collections.OrderedDict[str, float] = collections.OrderedDict()
-
-    def allow(self, key: str, now: float) -> bool:
-        hits = self._hits.get(key)
-        if hits is None:
-            hits = self._hits[key] = collections.deque()
-            while len(self._hits) > _MAX_TRACKED_PEERS:
-                self._hits.popitem(last=False)
-        self._hits.move_to_end(key)
-        while hits and now - hits[0] >= self.window:
-            hits.popleft()
-        if len(hits) >= self.limit:
-            return False
-        hits.append(now)
-        return True
-
-    def should_notify(self, key: str, now: float) -> bool:
-        last = self._notified.get(key)
-        if last is not None and now - last < self.window:
-            return False
-        self._notified[key] = now
-        self._notified.move_to_end(key)
-        while len(self._notified) > _MAX_TRACKED_PEERS:
-            self._notified.popitem(last=False)
-        return True
-
-
 class AutoResponder:
     """Answers inbound ``task_request`` s through ``respond`` (see the module docstring).
 
@@ -201,12 +165,13 @@ class AutoResponder:
         else:
             self._allow_fn = None
             self.allowed = parse_allow(allow)
-        self._refusal_logs = _RateLimiter(_REFUSAL_LOGS, window)
+        self._refusal_logs = RateWindow(_REFUSAL_LOGS, window)
         self.concurrency = concurrency
         self.heartbeat = heartbeat
         self.progress_interval = progress_interval
         self.timeout = timeout
-        self._limiter = _RateLimiter(max_per_peer, window)
+        self._limiter = RateWindow(max_per_peer, window)
+        self._limit_notices = RateWindow(1, window)  # one RATE_LIMITED answer per window
         self._running = 0
         self._attached = False
         self.stats: collections.Counter[str] = collections.Counter()
@@ -258,7 +223,7 @@ class AutoResponder:
         if not self._limiter.allow(msg.sender, now):
             self.stats["rate_limited"] += 1
             self.tools.client.consume(msg)
-            if self._limiter.should_notify(msg.sender, now):
+            if self._limit_notices.allow(msg.sender, now):
                 self.tools.spawn(
                     self._answer(
                         msg.sender,
@@ -375,18 +340,6 @@ class AutoResponder:
 
 
 # -- Hermes API server backend -------------------------------------------------------------
-
-
-class HermesAPIError(Exception):
-    """The Hermes API server could not answer; ``kind`` is ``connection_refused``,
-    ``unauthorized``, ``timeout``, ``http_error`` or ``bad_response``.  ``body`` holds the
-    start of the server's error body, if any (it may echo the request: log it at DEBUG
-    only, never send it to a peer)."""
-
-    def __init__(self, kind: str, message: str, *, body: str = "") -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.body = body
 
 
 _DEFAULT_SYSTEM = (

@@ -21,6 +21,7 @@ from agt_mesh.errors import (
     MeshAuthError,
     MeshConfigError,
     MeshCryptoError,
+    MeshError,
     MeshProtocolError,
     MeshRegistryError,
     MeshStateError,
@@ -47,7 +48,7 @@ EXIT_AUTH = 4
 EXIT_RATE_LIMITED = 5
 
 
-class CliError(Exception):
+class CliError(MeshError):
     """A failure with a chosen exit code; the message goes to stderr."""
 
     def __init__(self, message: str, code: int = EXIT_USAGE) -> None:

@@ -37,6 +37,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from agt_mesh.core.encoding import b64url_decode, b64url_encode
 from agt_mesh.core.identity import did_from_ed25519
 from agt_mesh.core.primitives import ed25519_verify
+from agt_mesh.errors import MeshRegistryError
 
 __all__ = [
     "AUTH_SCHEME",
@@ -119,10 +120,13 @@ class HttpResult:
     body: Any = None
 
 
-class _HttpError(Exception):
+class _HttpError(MeshRegistryError):
+    """An error answer: ``status`` and FastAPI's ``detail`` (a string or a list of problems)."""
+
+    status: int
+
     def __init__(self, status: int, detail: Any) -> None:
-        super().__init__(status, detail)
-        self.status = status
+        super().__init__(f"HTTP {status}: {detail}", status=status)
         self.detail = detail
 
 
@@ -882,11 +886,8 @@ class RegistryState(RegistryService):
 # --------------------------------------------------------------------------------------
 
 
-class _BadRequest(Exception):
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(status, detail)
-        self.status = status
-        self.detail = detail
+class _BadRequest(_HttpError):
+    """A request the HTTP shell cannot take (answered before the service sees it)."""
 
 
 @dataclass(slots=True)
